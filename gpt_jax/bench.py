@@ -1,0 +1,119 @@
+"""Benchmarks that print figures (never asserted in tests).
+
+    python -m gpt_jax.bench step [CONFIG.toml] [--key=value ...] [--steps=N] [--peak_tflops=X]
+    python -m gpt_jax.bench sample [--out_dir=DIR] [--max_new_tokens=500] [--batch_sizes=1,8]
+
+`step` times the jitted train step on random tokens: compile time, then the median of timed steps after
+warm-up (block_until_ready), tokens/s, achieved TFLOP/s and MFU against the peak (datasheet on accelerators;
+on CPU the fp32 matmul rate measured in the same process). `sample` compares KV-cache generation with
+nanoGPT-style recomputation on a trained checkpoint.
+"""
+
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt_jax import config
+from gpt_jax.cli import run_main
+from gpt_jax.errors import ConfigError
+from gpt_jax.model import flops_per_token
+from gpt_jax.peak import measure_matmul_flops, peak_flops
+from gpt_jax.train_step import create_train_state, make_train_step, with_vocab
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - start
+
+
+def bench_step(cfg: config.Config, steps: int = 20, warmup: int = 3) -> dict:
+    """Time the train step of `cfg` on random tokens; returns the figures as a dict."""
+    cfg = with_vocab(cfg, 65)
+    A, B, T = cfg.train.gradient_accumulation_steps, cfg.train.batch_size, cfg.model.block_size
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, cfg.model.vocab_size, (A, B, T), dtype=np.int32)
+    y = rng.integers(0, cfg.model.vocab_size, (A, B, T), dtype=np.int32)
+    step = jax.jit(make_train_step(cfg), donate_argnums=0)
+    state = create_train_state(cfg)
+    start = time.perf_counter()
+    compiled = step.lower(state, x, y).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        state, _ = _timed(compiled, state, x, y)[0]
+    times = []
+    for _ in range(steps):
+        (state, _), dt = _timed(compiled, state, x, y)
+        times.append(dt)
+    if cfg.train.peak_tflops > 0 or jax.default_backend() != "cpu":
+        peak, source = peak_flops(cfg.train.peak_tflops)
+    else:
+        peak, source = measure_matmul_flops(), "fp32 matmul measured in this run"
+    median = statistics.median(times)
+    tokens = A * B * T
+    flops = flops_per_token(cfg.model) * tokens / median
+    return {"step_ms": 1e3 * median, "compile_s": compile_s, "tokens_per_s": tokens / median,
+            "achieved_tflops": flops / 1e12, "peak_tflops": peak / 1e12, "peak_source": source, "mfu": flops / peak,
+            "tokens_per_step": tokens, "steps_timed": steps, "device": jax.devices()[0].device_kind}
+
+
+def bench_sample(out_dir: str, max_new_tokens: int, batch_sizes: list[int], seed: int = 0) -> list[dict]:
+    """Tokens/s of cached generation and of naive recomputation, each timed after a compiling run."""
+    from gpt_jax.generate import generate, generate_naive, load_model
+
+    params, cfg, tokenizer = load_model(out_dir)
+    rows = []
+    for B in batch_sizes:
+        prompt = jnp.asarray(np.tile(tokenizer.encode("\n"), (B, 1)))
+        row = {"batch": B, "max_new_tokens": max_new_tokens, "block_size": cfg.block_size}
+        for name, fn in (("cached", generate), ("naive", generate_naive)):
+            run = lambda: fn(params, cfg, prompt, jax.random.key(seed), max_new_tokens, top_k=1)  # noqa: E731
+            jax.block_until_ready(run())  # compile (naive: once per context length)
+            out, dt = _timed(run)
+            row[f"{name}_tokens_per_s"] = B * max_new_tokens / dt
+            row[f"{name}_tokens"] = np.asarray(out)
+        row["same_tokens"] = bool(np.array_equal(row.pop("cached_tokens"), row.pop("naive_tokens")))
+        row["speedup"] = row["cached_tokens_per_s"] / row["naive_tokens_per_s"]
+        rows.append(row)
+    return rows
+
+
+def _take(argv: list[str], key: str, default: str) -> str:
+    for a in list(argv):
+        if a.startswith(f"--{key}="):
+            argv.remove(a)
+            return a.split("=", 1)[1]
+    return default
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("step", "sample"):
+        raise ConfigError("usage: python -m gpt_jax.bench {step,sample} [...]; see the module docstring")
+    command, argv = argv[0], list(argv[1:])
+    if command == "step":
+        steps = int(_take(argv, "steps", "20"))
+        path = argv.pop(0) if argv and not argv[0].startswith("--") else "configs/shakespeare_char_cpu.toml"
+        cfg = config.load(config.REPO_ROOT / path if not path.startswith("/") else path, config.parse_overrides(argv))
+        r = bench_step(cfg, steps=steps)
+        print(f"{path} on {r['device']}: compile {r['compile_s']:.1f} s | step {r['step_ms']:.1f} ms (median of "
+              f"{r['steps_timed']}) | {r['tokens_per_s']:,.0f} tokens/s | {r['achieved_tflops'] * 1e3:.1f} GFLOP/s | "
+              f"peak {r['peak_tflops'] * 1e3:.1f} GFLOP/s ({r['peak_source']}) | MFU {100 * r['mfu']:.1f}%")
+        return 0
+    out_dir = _take(argv, "out_dir", "out-shakespeare-char")
+    max_new = int(_take(argv, "max_new_tokens", "500"))
+    batches = [int(b) for b in _take(argv, "batch_sizes", "1,8").split(",")]
+    if argv:
+        raise ConfigError(f"unknown arguments {argv}; sample takes --out_dir, --max_new_tokens, --batch_sizes")
+    for r in bench_sample(out_dir, max_new, batches):
+        print(f"batch {r['batch']}, {r['max_new_tokens']} new tokens (block_size {r['block_size']}): cached "
+              f"{r['cached_tokens_per_s']:,.0f} tokens/s | naive {r['naive_tokens_per_s']:,.0f} tokens/s | "
+              f"speed-up {r['speedup']:.1f}x | same tokens: {r['same_tokens']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

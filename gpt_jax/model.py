@@ -1,0 +1,202 @@
+"""GPT-2 (as nanoGPT builds it) as pure functions of a plain parameter dict.
+
+Dimension glossary (used in names, docstrings and einsum strings):
+  B batch, T time (sequence), S key time, D model width (n_embd), H heads, K head size (D / H),
+  F MLP width (4 D), V vocabulary, L layers.
+
+Parameter layout (public API): a nested dict of float32 arrays. The blocks are stacked on a leading layer
+axis so `lax.scan` runs them and compile time does not grow with depth. Entries marked [bias] exist only
+when `cfg.bias`.
+
+  wte              (V, D)      token embedding, tied to the output head
+  wpe              (T, D)      learned positions (T = block_size)
+  blocks/ln_1      scale (L, D) [bias (L, D)]
+  blocks/attn      w_qkv (L, D, 3D) [b_qkv (L, 3D)]   w_out (L, D, D) [b_out (L, D)]
+  blocks/ln_2      scale (L, D) [bias (L, D)]
+  blocks/mlp       w_fc (L, D, F) [b_fc (L, F)]       w_proj (L, F, D) [b_proj (L, D)]
+  ln_f             scale (D,) [bias (D,)]
+
+Precision: parameters are float32; matmuls run in the compute `dtype`; LayerNorm statistics, the softmax
+and the loss are float32.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gpt_jax.config import ModelConfig
+from gpt_jax.errors import ConfigError
+
+INIT_STD = 0.02
+LN_EPS = 1e-5
+
+
+def init_params(key: jax.Array, cfg: ModelConfig) -> dict:
+    """Random parameters: weights N(0, 0.02), residual projections scaled by 1/sqrt(2 L), biases 0, LN 1."""
+    if cfg.vocab_size is None:
+        raise ConfigError("vocab_size is unset; take it from the tokenizer (dataclasses.replace(cfg, vocab_size=...))")
+    V, T, D, L, F = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_layer, 4 * cfg.n_embd
+    k_wte, k_wpe, k_qkv, k_out, k_fc, k_proj = jax.random.split(key, 6)
+    resid_std = INIT_STD / math.sqrt(2 * L)
+
+    def normal(k, shape, std=INIT_STD):
+        return std * jax.random.normal(k, shape, jnp.float32)
+
+    def layer_norm(shape):
+        return {"scale": jnp.ones(shape), **({"bias": jnp.zeros(shape)} if cfg.bias else {})}
+
+    def biases(**shapes):
+        return {name: jnp.zeros(shape) for name, shape in shapes.items()} if cfg.bias else {}
+
+    return {
+        "wte": normal(k_wte, (V, D)),
+        "wpe": normal(k_wpe, (T, D)),
+        "blocks": {
+            "ln_1": layer_norm((L, D)),
+            "attn": {
+                "w_qkv": normal(k_qkv, (L, D, 3 * D)),
+                "w_out": normal(k_out, (L, D, D), resid_std),
+                **biases(b_qkv=(L, 3 * D), b_out=(L, D)),
+            },
+            "ln_2": layer_norm((L, D)),
+            "mlp": {
+                "w_fc": normal(k_fc, (L, D, F)),
+                "w_proj": normal(k_proj, (L, F, D), resid_std),
+                **biases(b_fc=(L, F), b_proj=(L, D)),
+            },
+        },
+        "ln_f": layer_norm((D,)),
+    }
+
+
+def count_params(params: dict, non_embedding: bool = True) -> int:
+    """Number of parameters; `non_embedding` leaves out the position embedding (nanoGPT's convention:
+    the token embedding counts, since it is also the output head)."""
+    total = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    return total - params["wpe"].size if non_embedding else total
+
+
+def flops_per_token(cfg: ModelConfig) -> int:
+    """Training FLOPs per token, 6 N + 12 L T D (nanoGPT / PaLM), N without position embeddings."""
+    shapes = jax.eval_shape(lambda key: init_params(key, cfg), jax.random.key(0))
+    return 6 * count_params(shapes) + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+
+# ---- layers -------------------------------------------------------------------------------------------
+
+
+def layer_norm(x_NXD: jax.Array, p: dict) -> jax.Array:
+    """LayerNorm over the last axis with float32 statistics; returns x's dtype."""
+    x = x_NXD.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + LN_EPS) * p["scale"]
+    if "bias" in p:
+        y = y + p["bias"]
+    return y.astype(x_NXD.dtype)
+
+
+def dense(x_NXD: jax.Array, w_DF: jax.Array, b_F: jax.Array | None = None) -> jax.Array:
+    """x @ w (+ b) as one 2-D matmul over the flattened leading axes (XLA:CPU runs those fastest)."""
+    lead = x_NXD.shape[:-1]
+    y = x_NXD.reshape(-1, x_NXD.shape[-1]) @ w_DF.astype(x_NXD.dtype)
+    if b_F is not None:
+        y = y + b_F.astype(y.dtype)
+    return y.reshape(*lead, w_DF.shape[-1])
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity without a key (eval mode) or at rate 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def qkv_heads(x_BTD: jax.Array, p: dict, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The attention input projection split into heads: three (B, T, H, K) arrays."""
+    B, T, _ = x_BTD.shape
+    qkv = dense(x_BTD, p["w_qkv"], p.get("b_qkv"))  # (B, T, 3D)
+    q, k, v = jnp.split(qkv.reshape(B, T, 3 * cfg.n_head, cfg.head_size), 3, axis=2)
+    return q, k, v  # each (B, T, H, K)
+
+
+def attend(q_BTHK, k_BSHK, v_BSHK, mask_TS, *, rate: float = 0.0, key=None) -> jax.Array:
+    """Softmax attention (float32 softmax) of T queries over S keys where mask_TS is True -> (B, T, H, K)."""
+    scale = 1.0 / math.sqrt(q_BTHK.shape[-1])
+    att_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK).astype(jnp.float32) * scale
+    att_BHTS = jnp.where(mask_TS, att_BHTS, -jnp.inf)
+    att_BHTS = jax.nn.softmax(att_BHTS, axis=-1).astype(q_BTHK.dtype)
+    att_BHTS = dropout(att_BHTS, rate, key)
+    return jnp.einsum("bhts,bshk->bthk", att_BHTS, v_BSHK)
+
+
+def mlp(x_BTD: jax.Array, p: dict) -> jax.Array:
+    """4x GELU MLP (tanh approximation, as GPT-2)."""
+    h = jax.nn.gelu(dense(x_BTD, p["w_fc"], p.get("b_fc")), approximate=True)  # (B, T, F)
+    return dense(h, p["w_proj"], p.get("b_proj"))
+
+
+def block(x_BTD: jax.Array, p: dict, cfg: ModelConfig, key: jax.Array | None = None, *,
+          cache: tuple[jax.Array, jax.Array] | None = None, pos=0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One pre-LayerNorm transformer block with causal self-attention. `p` holds one layer's slice.
+
+    Without `cache` the T positions attend to each other causally. With `cache` (keys and values, each
+    (B, S, H, K)), the T new positions sit at pos..pos+T-1: their keys and values are written into the
+    cache and each query attends to cache positions up to its own. Returns (x_BTD, (keys, values)): the
+    updated cache, or this block's own keys and values.
+    """
+    T = x_BTD.shape[1]
+    k_att, k_res1, k_res2 = jax.random.split(key, 3) if key is not None else (None, None, None)
+    q, k, v = qkv_heads(layer_norm(x_BTD, p["ln_1"]), p["attn"], cfg)  # (B, T, H, K)
+    if cache is None:
+        mask_TS = jnp.tril(jnp.ones((T, T), bool))
+    else:
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, axis=1)  # (B, S, H, K)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, axis=1)
+        mask_TS = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]
+    y = attend(q, k, v, mask_TS, rate=cfg.dropout, key=k_att).reshape(x_BTD.shape)  # (B, T, D)
+    x_BTD = x_BTD + dropout(dense(y, p["attn"]["w_out"], p["attn"].get("b_out")), cfg.dropout, k_res1)
+    x_BTD = x_BTD + dropout(mlp(layer_norm(x_BTD, p["ln_2"]), p["mlp"]), cfg.dropout, k_res2)
+    return x_BTD, (k, v)
+
+
+def forward_with_cache(params: dict, idx_BT: jax.Array, cfg: ModelConfig, *, dropout_key: jax.Array | None = None,
+                       dtype=jnp.float32, cache: tuple[jax.Array, jax.Array] | None = None,
+                       pos=0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """forward() that also returns the keys and values of every layer, each (L, B, S, H, K).
+
+    With `cache` (from an earlier call), idx_BT holds the tokens at positions pos..pos+T-1 and only they are
+    computed: the KV-cache decode step. Without it, the returned keys and values are the prefill cache.
+    """
+    B, T = idx_BT.shape
+    if T > cfg.block_size:
+        raise ConfigError(f"sequence length {T} exceeds block_size {cfg.block_size}; crop the input")
+    k_emb, k_blocks = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+    pos_TD = jax.lax.dynamic_slice_in_dim(params["wpe"], pos, T, axis=0)
+    x_BTD = (params["wte"][idx_BT] + pos_TD).astype(dtype)
+    x_BTD = dropout(x_BTD, cfg.dropout, k_emb)
+    layer_keys = jax.random.split(k_blocks, cfg.n_layer) if k_blocks is not None else None
+
+    def body(x, layer):
+        p, key, layer_cache = layer
+        return block(x, p, cfg, key, cache=layer_cache, pos=pos)
+
+    x_BTD, kv = jax.lax.scan(body, x_BTD, (params["blocks"], layer_keys, cache))
+    x_BTD = layer_norm(x_BTD, params["ln_f"])
+    return dense(x_BTD, params["wte"].T).astype(jnp.float32), kv  # (B, T, V): tied head
+
+
+def forward(params: dict, idx_BT: jax.Array, cfg: ModelConfig, *, dropout_key: jax.Array | None = None,
+            dtype=jnp.float32) -> jax.Array:
+    """Token ids (B, T) -> float32 logits (B, T, V). Train mode (dropout) with a key, eval mode without."""
+    return forward_with_cache(params, idx_BT, cfg, dropout_key=dropout_key, dtype=dtype)[0]
+
+
+def loss_fn(params: dict, x_BT: jax.Array, y_BT: jax.Array, cfg: ModelConfig, *,
+            dropout_key: jax.Array | None = None, dtype=jnp.float32) -> jax.Array:
+    """Mean next-token cross-entropy in float32."""
+    logits_BTV = forward(params, x_BT, cfg, dropout_key=dropout_key, dtype=dtype)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, y_BT).mean()

@@ -1,0 +1,140 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import ConfigError, ModelConfig, count_params, flops_per_token, forward, init_params, loss_fn
+
+CFG = ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1, bias=True)
+
+
+def maybe_jit(fn, use_jit):
+    return jax.jit(fn) if use_jit else fn
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(jax.random.key(0), CFG)
+
+
+def tokens(key=1, shape=(3, 16)):
+    return jax.random.randint(jax.random.key(key), shape, 0, CFG.vocab_size)
+
+
+def test_shakespeare_char_parameter_count():
+    cfg = ModelConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False)
+    shapes = jax.eval_shape(lambda k: init_params(k, cfg), jax.random.key(0))
+    assert count_params(shapes) == 10_646_784
+    assert count_params(shapes, non_embedding=False) == 10_646_784 + 256 * 384  # 10,745,088
+    assert flops_per_token(cfg) == 6 * 10_646_784 + 12 * 6 * 256 * 384
+
+
+def test_layout_is_stacked_plain_dict(params):
+    assert isinstance(params, dict) and set(params) == {"wte", "wpe", "blocks", "ln_f"}
+    assert params["blocks"]["attn"]["w_qkv"].shape == (2, 32, 96)
+    assert params["blocks"]["mlp"]["w_fc"].shape == (2, 32, 128)
+    assert params["blocks"]["ln_1"]["bias"].shape == (2, 32)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    no_bias = init_params(jax.random.key(0), ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    assert "b_qkv" not in no_bias["blocks"]["attn"] and "bias" not in no_bias["ln_f"]
+
+
+def test_init_statistics(params):
+    assert abs(float(params["wte"].std()) - 0.02) < 0.002
+    assert abs(float(params["blocks"]["mlp"]["w_proj"].std()) - 0.02 / math.sqrt(4)) < 0.001
+    assert float(jnp.abs(params["blocks"]["mlp"]["b_fc"]).max()) == 0.0
+
+
+def test_same_key_same_params():
+    a, b = init_params(jax.random.key(7), CFG), init_params(jax.random.key(7), CFG)
+    c = init_params(jax.random.key(8), CFG)
+    assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+    assert not jnp.array_equal(a["wte"], c["wte"])
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_shapes_and_jit_agree(params, use_jit):
+    fwd = maybe_jit(lambda p, x: forward(p, x, CFG), use_jit)
+    logits = fwd(params, tokens())
+    assert logits.shape == (3, 16, 65) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, forward(params, tokens(), CFG), rtol=1e-5, atol=1e-5)
+    assert forward(params, tokens(shape=(2, 5)), CFG).shape == (2, 5, 65)
+
+
+def test_too_long_input(params):
+    with pytest.raises(ConfigError, match="exceeds block_size 16"):
+        forward(params, tokens(shape=(1, 17)), CFG)
+
+
+def test_initial_loss_near_uniform(params):
+    loss = loss_fn(params, tokens(1), tokens(2), CFG)
+    assert abs(float(loss) - math.log(65)) < 0.1
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_causality_through_gradients(params, use_jit):
+    x = tokens()
+    t = 6
+
+    # Gradient of the logits at position t with respect to the one-hot inputs, via a soft token table.
+    def logits_t_from_onehot(onehot_BTV):
+        emb_BTD = onehot_BTV @ params["wte"]  # the same lookup, differentiable
+        return forward_embedded(params, emb_BTD)[:, t].sum()
+
+    grad = maybe_jit(jax.grad(logits_t_from_onehot), use_jit)(jax.nn.one_hot(x, CFG.vocab_size))  # (B, T, V)
+    influence_T = jnp.abs(grad).sum(axis=(0, 2))
+    assert float(influence_T[t + 1:].max()) == 0.0  # later tokens never matter
+    assert float(influence_T[: t + 1].min()) > 0.0  # earlier ones do
+
+
+def forward_embedded(params, emb_BTD):
+    """forward() entered after the token lookup, for gradient checks w.r.t. the inputs."""
+    from gpt_jax import model
+
+    T = emb_BTD.shape[1]
+    x = emb_BTD + params["wpe"][:T]
+    x, _ = jax.lax.scan(lambda h, p: (model.block(h, p, CFG)[0], None), x, params["blocks"])
+    return model.dense(model.layer_norm(x, params["ln_f"]), params["wte"].T)
+
+
+def test_forward_embedded_matches_forward(params):
+    x = tokens()
+    np.testing.assert_allclose(forward_embedded(params, params["wte"][x]), forward(params, x, CFG), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_on_with_key_off_without(params):
+    x = tokens()
+    a = forward(params, x, CFG)
+    assert jnp.array_equal(a, forward(params, x, CFG))
+    b = forward(params, x, CFG, dropout_key=jax.random.key(1))
+    c = forward(params, x, CFG, dropout_key=jax.random.key(1))
+    d = forward(params, x, CFG, dropout_key=jax.random.key(2))
+    assert not jnp.allclose(a, b) and jnp.array_equal(b, c) and not jnp.allclose(b, d)
+
+
+def test_bfloat16_compute_keeps_float32_outputs(params):
+    logits = forward(params, tokens(), CFG, dtype=jnp.bfloat16)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, forward(params, tokens(), CFG), atol=0.05)
+
+
+def test_tiny_model_overfits_one_batch():
+    import optax
+
+    cfg = ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
+    params = init_params(jax.random.key(0), cfg)
+    x, y = tokens(3, (4, 16)), tokens(4, (4, 16))
+    opt = optax.adam(3e-3)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, cfg)
+        updates, opt_state = opt.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    for _ in range(300):
+        params, opt_state, loss = step(params, opt_state)
+    assert float(loss) < 0.1

@@ -1,0 +1,46 @@
+"""Train a character-level GPT on tiny Shakespeare.
+
+    python train.py                              # picks the recipe for this machine (GPU or CPU)
+    python train.py configs/shakespeare_char.toml --max_iters=2000 --out_dir=out-run2
+    python train.py --out_dir=out --resume        # continue a stopped run
+    python train.py --help                       # every key with its type, default and meaning
+"""
+
+import sys
+
+from gpt_jax import config
+from gpt_jax.cli import run_main
+from gpt_jax.config import REPO_ROOT
+
+USAGE = "usage: python train.py [CONFIG.toml] [--key=value ...] [--resume] [--debug]"
+
+
+def default_config_path() -> str:
+    """The GPU recipe where JAX sees an accelerator, else the 2-core CPU recipe (said on one line)."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        print("no GPU/TPU visible to JAX: using configs/shakespeare_char_cpu.toml, the small recipe that "
+              "finishes in minutes on a CPU (pass configs/shakespeare_char.toml for nanoGPT's full recipe)")
+        return str(REPO_ROOT / "configs" / "shakespeare_char_cpu.toml")
+    return str(REPO_ROOT / "configs" / "shakespeare_char.toml")
+
+
+def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(USAGE + "\n\nkeys (--key=value; the same names in a config file):\n" + config.help_text())
+        return 0
+    resume = "--resume" in argv
+    argv = [a for a in argv if a != "--resume"]
+    path = argv.pop(0) if argv and not argv[0].startswith("--") else None
+    overrides = config.parse_overrides(argv)
+    cfg = config.load(path if path is not None else default_config_path(), overrides)
+
+    from gpt_jax.trainer import train  # imports JAX: after the cheap argument checks
+
+    train(cfg, resume=resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
