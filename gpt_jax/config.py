@@ -105,6 +105,11 @@ class Config:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step: micro-batch x accumulation steps x block size."""
+        return self.train.batch_size * self.train.gradient_accumulation_steps * self.model.block_size
+
     def to_dict(self) -> dict:
         """Flat {key: value}, the form of a config file."""
         return {**dataclasses.asdict(self.model), **dataclasses.asdict(self.train)}

@@ -122,7 +122,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
     metrics_log = MetricsLog(out_dir / "metrics.jsonl")
     metrics_log.truncate_after(start_step)
 
-    tokens_per_step = cfg.train.gradient_accumulation_steps * cfg.train.batch_size * cfg.model.block_size
+    tokens_per_step = cfg.tokens_per_step
     flops_token = flops_per_token(cfg.model)
     peak, peak_source = peak_flops(cfg.train.peak_tflops)
     devices = jax.devices()

@@ -95,3 +95,13 @@ def test_prefetch_order_and_errors():
 
     with pytest.raises(DataError, match="bad step"):
         list(data.prefetch(boom, range(5), depth=2))
+
+
+def test_no_code_executing_loaders_in_the_package():
+    import re
+
+    from conftest import REPO
+
+    for path in list((REPO / "gpt_jax").glob("*.py")) + [REPO / "train.py", REPO / "sample.py"]:
+        source = path.read_text()
+        assert not re.search(r"\bimport pickle\b|\bpickle\.|\beval\(|\bexec\(", source), path
