@@ -105,3 +105,27 @@ def test_train_help_lists_keys():
     assert result.returncode == 0
     for key in ("n_layer", "learning_rate", "gradient_accumulation_steps", "dtype", "out_dir"):
         assert f"--{key}" in result.stdout
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(corpus, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_overrides(corpus, out, max_iters=100000, eval_interval=100000)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "SIGTERM: saved step" in stdout and "--resume" in stdout
+    step = checkpoint.latest_step(out)
+    assert step is not None and step > 0
