@@ -144,6 +144,8 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
 
     def run_eval(step: int) -> None:
         """Evaluate, log, plot, and checkpoint (latest, and best when val improved)."""
+        nonlocal paused_s
+        started = time.perf_counter()
         losses = evaluate(eval_step, state.params, dataset, cfg)
         metrics_log.write({"kind": "eval", "step": step, **losses})
         plot_losses(metrics_log.read(), out_dir / "loss.png")
@@ -157,14 +159,19 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
                 save("best", state)
             if improved or cfg.train.always_save_checkpoint:
                 save("latest", state)
+        paused_s += time.perf_counter() - started  # throughput counts training steps only
 
     steps = range(start_step, cfg.train.max_iters)
     batches = data.prefetch(lambda s: batch_for_step(dataset.train, cfg, s), steps, cfg.train.prefetch)
     bar = tqdm(total=cfg.train.max_iters, initial=start_step, disable=not progress, dynamic_ncols=True,
                unit="step", mininterval=0.5)
     wall_start = time.perf_counter()
-    timed_from, timed_steps, stopped_by = None, 0, None
+    timed_from, timed_steps, stopped_by, paused_s = None, 0, None, 0.0
     pending = None  # (step, metrics on device) of the previous step
+
+    def train_rate(now: float) -> float:
+        """Training tokens/s since the first step, evaluations and checkpoints excluded."""
+        return timed_steps * tokens_per_step / (now - timed_from - paused_s) if timed_steps else 0.0
 
     def read_metrics(pending) -> None:
         nonlocal timed_from, timed_steps
@@ -175,10 +182,10 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
                                    f"is kept. Lower --learning_rate or set --grad_clip")
         now = time.perf_counter()
         if timed_from is None:  # the first step includes compilation: time from its end
-            timed_from = now
+            timed_from = now - paused_s  # offsets pauses so far (the step-0 evaluation): only later ones count
         else:
             timed_steps += 1
-        rate = timed_steps * tokens_per_step / (now - timed_from) if timed_steps else 0.0
+        rate = train_rate(now)
         mfu = rate * flops_token / peak
         bar.set_postfix_str(f"loss {metrics['loss']:.4f} | {si(rate)} tok/s | MFU {100 * mfu:.1f}%", refresh=False)
         bar.update(1)
@@ -211,7 +218,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
     bar.close()
 
     wall = time.perf_counter() - wall_start
-    rate = timed_steps * tokens_per_step / (time.perf_counter() - timed_from) if timed_steps else 0.0
+    rate = train_rate(time.perf_counter())
     summary = {"steps": int(state.step), "best_val_loss": meta["best_val_loss"], "wall_s": wall,
                "tokens_per_s": rate, "mfu": rate * flops_token / peak, "stopped_by": stopped_by}
     if stopped_by:
