@@ -1,6 +1,6 @@
 """Character tokenizer: the vocabulary is the sorted set of characters of the corpus.
 
-Saved as JSON (never pickle) beside the token files and inside every checkpoint.
+Saved as JSON (data only, nothing that executes code on load) beside the token files and in every checkpoint.
 """
 
 import json
