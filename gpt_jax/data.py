@@ -33,12 +33,8 @@ class Dataset:
     tokenizer: CharTokenizer
 
 
-def read_corpus(path: str | Path) -> str:
-    """The corpus as text; DataError if it is missing, empty or not UTF-8 (naming the byte offset)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"dataset not found: {path}; set --dataset to a UTF-8 text file")
-    raw = path.read_bytes()
+def decode_corpus(path: Path, raw: bytes) -> str:
+    """The corpus bytes as text; DataError if empty or not UTF-8 (naming the byte offset)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -54,10 +50,11 @@ def prepare(corpus_path: str | Path, data_dir: str | Path | None = None) -> Data
     data_dir = Path(data_dir) if data_dir is not None else corpus_path.parent / f"{corpus_path.stem}_char"
     if not corpus_path.is_file():
         raise DataError(f"dataset not found: {corpus_path}; set --dataset to a UTF-8 text file")
-    digest = hashlib.sha256(corpus_path.read_bytes()).hexdigest()
+    raw = corpus_path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
     meta_path = data_dir / "meta.json"
     if not _is_prepared(meta_path, digest):
-        text = read_corpus(corpus_path)
+        text = decode_corpus(corpus_path, raw)
         tokenizer = CharTokenizer.from_text(text)
         ids = tokenizer.encode(text)  # (N,) uint16
         n_train = int(len(ids) * TRAIN_FRACTION)
@@ -88,6 +85,15 @@ def _is_prepared(meta_path: Path, digest: str) -> bool:
         return False
 
 
+def check_block_size(tokens: np.ndarray, block_size: int, split: str = "a") -> None:
+    """DataError unless the split holds more than block_size tokens (one window plus its target)."""
+    if len(tokens) <= block_size:
+        raise DataError(
+            f"{split} split has {len(tokens)} tokens, too few for block_size {block_size}; "
+            f"use --block_size={max(1, len(tokens) // 2)} or less, or a larger corpus"
+        )
+
+
 def get_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int, block_size: int, *,
               stream: int = TRAIN_STREAM, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
     """The batch of `step`: a pure function of its arguments.
@@ -100,11 +106,7 @@ def get_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int, block_s
     Returns:
       (x_BT, y_BT) int32, y shifted one token to the left of x.
     """
-    if len(tokens) <= block_size:
-        raise DataError(
-            f"a split has {len(tokens)} tokens, too few for block_size {block_size}; "
-            f"use --block_size={max(1, len(tokens) // 2)} or less, or a larger corpus"
-        )
+    check_block_size(tokens, block_size)
     rng = np.random.default_rng((seed, stream, step))
     starts_B = rng.integers(0, len(tokens) - block_size, size=batch_size)[rows]
     window_BT1 = np.asarray(tokens[starts_B[:, None] + np.arange(block_size + 1)], dtype=np.int32)  # (B, T+1)

@@ -23,6 +23,7 @@ from gpt_jax import config
 from gpt_jax.cli import run_main
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import ConfigError
+from gpt_jax.fileio import write_atomic
 
 # Link presets: (bytes/s per direction, latency in s). Bandwidths from the vendors' specs; latencies are
 # assumed round figures for a collective's start-up cost, to be replaced by measurements (--allreduce_json).
@@ -200,8 +201,6 @@ def plot(workload: Workload, hw: Hardware, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gpt_jax.fileio import write_atomic
-
     counts = [2**i for i in range(0, 15)]
     fig, ax = plt.subplots(figsize=(7, 4))
     for link, (bw, lat) in LINKS.items():
@@ -262,16 +261,17 @@ def main(argv: list[str]) -> int:
     if "tokens" in opts or "compute_optimal" in opts:
         workloads = {k: dataclasses.replace(w, tokens=20 * w.n_params if "compute_optimal" in opts else float(opts["tokens"]))
                      for k, w in workloads.items()}
-    chosen = {opts["preset"]: workloads[opts["preset"]]} if "preset" in opts and opts["preset"] in workloads else workloads
-    if "preset" in opts and opts["preset"] not in workloads:
-        raise ConfigError(f"unknown --preset={opts['preset']}; choose one of {', '.join(workloads)}")
-    print(report({**chosen, baseline: workloads[baseline]} if baseline not in chosen else chosen, hw, baseline))
+    preset = opts.get("preset")
+    if preset is not None and preset not in workloads:
+        raise ConfigError(f"unknown --preset={preset}; choose one of {', '.join(workloads)}")
+    chosen = {preset: workloads[preset]} if preset else workloads
+    print(report({**chosen, baseline: workloads[baseline]}, hw, baseline))
     if "json" in opts:
         rows = [estimate(w, dataclasses.replace(hw, bandwidth=bw, latency=lat)) | {"link": link}
                 for w in chosen.values() for link, (bw, lat) in LINKS.items()]
-        Path(opts["json"]).write_text(json.dumps({"hardware": dataclasses.asdict(hw), "estimates": rows}, indent=1))
+        write_atomic(opts["json"], json.dumps({"hardware": dataclasses.asdict(hw), "estimates": rows}, indent=1).encode())
     if "plot" in opts:
-        focus = opts.get("preset") or ("custom" if "custom" in chosen else "run" if "run" in chosen else "gpt2_124m")
+        focus = preset or next((k for k in ("custom", "run") if k in workloads), "gpt2_124m")
         plot(workloads[focus], hw, opts["plot"])
     return 0
 

@@ -98,11 +98,8 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
     if cfg.model.vocab_size < dataset.tokenizer.vocab_size:
         raise ConfigError(f"vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{dataset.tokenizer.vocab_size}; leave vocab_size unset")
-    for split in ("train", "val"):
-        if len(getattr(dataset, split)) <= cfg.model.block_size:
-            raise DataError(f"the {split} split has {len(getattr(dataset, split))} tokens, too few for block_size "
-                            f"{cfg.model.block_size}; use --block_size={len(dataset.val) // 2} or less, or a larger corpus")
-
+    for split in ("train", "val"):  # checked before anything is written
+        data.check_block_size(getattr(dataset, split), cfg.model.block_size, f"the {split}")
     state = create_train_state(cfg)
     meta = {"best_val_loss": math.inf}
     if resume:
