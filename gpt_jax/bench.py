@@ -22,7 +22,8 @@ from gpt_jax.cli import run_main
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import flops_per_token
 from gpt_jax.peak import measure_matmul_flops, peak_flops
-from gpt_jax.train_step import create_train_state, make_train_step, with_vocab
+from gpt_jax.parallel import make_data_parallel
+from gpt_jax.train_step import with_vocab
 
 
 def _timed(fn, *args):
@@ -38,10 +39,11 @@ def bench_step(cfg: config.Config, steps: int = 20, warmup: int = 3) -> dict:
     rng = np.random.default_rng(0)
     x = rng.integers(0, cfg.model.vocab_size, (A, B, T), dtype=np.int32)
     y = rng.integers(0, cfg.model.vocab_size, (A, B, T), dtype=np.int32)
-    step = jax.jit(make_train_step(cfg), donate_argnums=0)
-    state = create_train_state(cfg)
+    dp = make_data_parallel(cfg)  # --parallel=... over every visible device (one device: plain jit)
+    state = dp.init_state()
+    x, y = dp.place_batch(x, y)
     start = time.perf_counter()
-    compiled = step.lower(state, x, y).compile()
+    compiled = dp.step.lower(state, x, y).compile()
     compile_s = time.perf_counter() - start
     for _ in range(warmup):
         state, _ = _timed(compiled, state, x, y)[0]
@@ -55,10 +57,11 @@ def bench_step(cfg: config.Config, steps: int = 20, warmup: int = 3) -> dict:
         peak, source = measure_matmul_flops(), "fp32 matmul measured in this run"
     median = statistics.median(times)
     tokens = A * B * T
-    flops = flops_per_token(cfg.model) * tokens / median
+    flops = flops_per_token(cfg.model) * tokens / median / dp.n_devices  # per device, like the peak
     return {"step_ms": 1e3 * median, "compile_s": compile_s, "tokens_per_s": tokens / median,
             "achieved_tflops": flops / 1e12, "peak_tflops": peak / 1e12, "peak_source": source, "mfu": flops / peak,
-            "tokens_per_step": tokens, "steps_timed": steps, "device": jax.devices()[0].device_kind}
+            "tokens_per_step": tokens, "steps_timed": steps, "device": jax.devices()[0].device_kind,
+            "devices": dp.n_devices, "parallel": dp.mode}
 
 
 def bench_sample(out_dir: str, max_new_tokens: int, batch_sizes: list[int], seed: int = 0) -> list[dict]:
@@ -99,8 +102,8 @@ def main(argv: list[str]) -> int:
         path = argv.pop(0) if argv and not argv[0].startswith("--") else "configs/shakespeare_char_cpu.toml"
         cfg = config.load(config.REPO_ROOT / path if not path.startswith("/") else path, config.parse_overrides(argv))
         r = bench_step(cfg, steps=steps)
-        print(f"{path} on {r['device']}: compile {r['compile_s']:.1f} s | step {r['step_ms']:.1f} ms (median of "
-              f"{r['steps_timed']}) | {r['tokens_per_s']:,.0f} tokens/s | {r['achieved_tflops'] * 1e3:.1f} GFLOP/s | "
+        print(f"{path} on {r['devices']} x {r['device']} (--parallel={r['parallel']}): compile {r['compile_s']:.1f} s | step {r['step_ms']:.1f} ms (median of "
+              f"{r['steps_timed']}) | {r['tokens_per_s']:,.0f} tokens/s | {r['achieved_tflops'] * 1e3:.1f} GFLOP/s per device | "
               f"peak {r['peak_tflops'] * 1e3:.1f} GFLOP/s ({r['peak_source']}) | MFU {100 * r['mfu']:.1f}%")
         return 0
     out_dir = _take(argv, "out_dir", "out-shakespeare-char")

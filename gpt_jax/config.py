@@ -77,6 +77,7 @@ class TrainConfig:
     dtype: str = _field("auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16")
     peak_tflops: float = _field(0.0, "peak FLOP/s (in TFLOP/s) for MFU; 0: datasheet table or measured on CPU")
     prefetch: int = _field(2, "batches prepared ahead of the step on a host thread")
+    parallel: str = _field("sharding", "data-parallel mode over all devices: sharding, shard_map, pmap, fsdp")
     always_save_checkpoint: bool = _field(True, "save the latest checkpoint at every evaluation, not only when val improves")
 
     def __post_init__(self):
@@ -94,6 +95,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.parallel not in ("sharding", "shard_map", "pmap", "fsdp"):
+            raise ConfigError(f"parallel must be sharding, shard_map, pmap or fsdp, got {self.parallel!r}")
         if self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}); lower min_lr")
 

@@ -95,14 +95,14 @@ def check_block_size(tokens: np.ndarray, block_size: int, split: str = "a") -> N
 
 
 def get_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int, block_size: int, *,
-              stream: int = TRAIN_STREAM, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+              stream: int = TRAIN_STREAM, rows: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
     """The batch of `step`: a pure function of its arguments.
 
     Args:
       tokens: (N,) token ids (a memmap is fine).
       seed, step, stream: pick the random windows; `stream` separates training from evaluation batches.
       batch_size, block_size: B and T.
-      rows: which rows of the global batch to build (a process builds only its slice).
+      rows: which rows of the global batch to build (a slice or indices: a process builds only its own).
     Returns:
       (x_BT, y_BT) int32, y shifted one token to the left of x.
     """

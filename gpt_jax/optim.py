@@ -5,6 +5,8 @@ carries a leading layer axis, so its own rank is ndim - 1; leaves of own rank >=
 (biases, LayerNorm scales) do not (nanoGPT's rule, adapted to stacked layers).
 """
 
+import functools
+
 import optax
 from flax import traverse_util
 
@@ -32,6 +34,7 @@ def decay_mask(params: dict) -> dict:
     return traverse_util.unflatten_dict({path: rank >= 2 for path, rank in own_rank.items()})
 
 
+@functools.cache  # one object per config: TrainState carries it as static pytree metadata, compared by identity
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """optax chain: clip by global norm (if grad_clip > 0), then AdamW with the schedule and decay mask.
 

@@ -40,11 +40,16 @@ def create_train_state(cfg: Config) -> TrainState:
     return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints and jit see one type
 
 
-def make_train_step(cfg: Config) -> Callable:
+def make_train_step(cfg: Config, *, axis_name: str | None = None, all_reduce: bool = True) -> Callable:
     """train_step(state, x_ABT, y_ABT) -> (state, metrics): one optimizer step over A micro-batches.
 
     Gradients are averaged over the A = gradient_accumulation_steps micro-batches, which makes the update
     the same as one step on the whole (A*B, T) batch. Dropout keys: fold_in(fold_in(rng, step), micro).
+
+    With `axis_name` the step is a per-device program (shard_map, pmap): the batch is this device's slice,
+    dropout keys also fold in the device index, and the loss and gradients are averaged over the axis with
+    an explicit `lax.pmean` (left out with all_reduce=False, which isolates compute for the benchmark;
+    then each device applies its local gradients, not a valid data-parallel update).
     """
     dtype = compute_dtype(cfg.train.dtype)
     schedule = lr_schedule(cfg.train)
@@ -52,6 +57,8 @@ def make_train_step(cfg: Config) -> Callable:
 
     def train_step(state: TrainState, x_ABT: jax.Array, y_ABT: jax.Array):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if axis_name is not None:
+            step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
 
         def micro(carry, inputs):
             loss_sum, grads_sum = carry
@@ -63,8 +70,10 @@ def make_train_step(cfg: Config) -> Callable:
         A = x_ABT.shape[0]
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (loss_sum, grads_sum), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(A), x_ABT, y_ABT))
-        grads = jax.tree.map(lambda g: g / A, grads_sum)
-        metrics = {"loss": loss_sum / A, "grad_norm": global_norm(grads), "lr": schedule(state.step)}
+        loss, grads = loss_sum / A, jax.tree.map(lambda g: g / A, grads_sum)
+        if axis_name is not None and all_reduce:
+            loss, grads = jax.lax.pmean((loss, grads), axis_name)  # the gradient all-reduce
+        metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step)}
         return state.apply_gradients(grads=grads), metrics
 
     return train_step

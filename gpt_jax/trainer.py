@@ -24,8 +24,8 @@ from gpt_jax.metrics import MetricsLog, plot_losses, si
 from gpt_jax.model import count_params, flops_per_token
 from gpt_jax.peak import peak_flops
 from gpt_jax.tokenizer import CharTokenizer
-from gpt_jax.train_step import (TrainState, compute_dtype, create_train_state, make_eval_step, make_train_step,
-                                 with_vocab)
+from gpt_jax.parallel import make_data_parallel
+from gpt_jax.train_step import TrainState, compute_dtype, make_eval_step, with_vocab
 
 
 def resolve_path(path: str) -> Path:
@@ -51,11 +51,18 @@ def model_differences(saved: dict, cfg: Config) -> list[str]:
     return [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in current.items() if saved.get(k) != v]
 
 
-def batch_for_step(tokens: np.ndarray, cfg: Config, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """The global training batch of `step`, shaped (A, B, T) for A accumulation micro-steps."""
+def batch_for_step(tokens: np.ndarray, cfg: Config, step: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """The training batch of `step`, shaped (A, B, T) for A accumulation micro-steps; `rows` picks this
+    process's rows of every micro-batch (the global batch depends on seed and step alone)."""
     A, B, T = cfg.train.gradient_accumulation_steps, cfg.train.batch_size, cfg.model.block_size
-    x, y = data.get_batch(tokens, cfg.train.seed, step, A * B, T)
-    return x.reshape(A, B, T), y.reshape(A, B, T)
+    index_AB = np.arange(A * B).reshape(A, B)[:, rows]  # (A, B_local) rows of the flat (A*B) batch
+    x, y = data.get_batch(tokens, cfg.train.seed, step, A * B, T, rows=index_AB.ravel())
+    return x.reshape(index_AB.shape + (T,)), y.reshape(index_AB.shape + (T,))
+
+
+def step_of(state: TrainState) -> int:
+    """The optimizer step of a state (pmap keeps one copy per device)."""
+    return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
 
 
 def evaluate(eval_step, params, dataset: data.Dataset, cfg: Config) -> dict[str, float]:
@@ -100,7 +107,10 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
                           f"{dataset.tokenizer.vocab_size}; leave vocab_size unset")
     for split in ("train", "val"):  # checked before anything is written
         data.check_block_size(getattr(dataset, split), cfg.model.block_size, f"the {split}")
-    state = create_train_state(cfg)
+    dp = make_data_parallel(cfg)
+    main = jax.process_index() == 0  # only process 0 prints, logs and plots
+    log = log if main else (lambda *a: None)
+    progress = progress and main
     meta = {"best_val_loss": math.inf}
     if resume:
         _, saved_meta = checkpoint.read_meta(out_dir)
@@ -110,42 +120,52 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
                                   f"resume with the checkpoint's settings")
         if CharTokenizer.from_json(saved_meta["tokenizer"]) != dataset.tokenizer:
             raise CheckpointError("the checkpoint's tokenizer differs from the dataset's; resume with the same --dataset")
-        state, meta = checkpoint.restore(out_dir, "latest", state)
+        state, meta = checkpoint.restore(out_dir, "latest", dp.restore_target())
+        state = dp.place_state(state)
     elif checkpoint.latest_step(out_dir) is not None:
         raise CheckpointError(f"{out_dir} already holds a checkpoint (step {checkpoint.latest_step(out_dir)}); "
                               f"continue it with --resume, or choose another --out_dir")
+    else:
+        state = dp.init_state()
     out_dir.mkdir(parents=True, exist_ok=True)
-    start_step = int(state.step)
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
-    metrics_log.truncate_after(start_step)
+    start_step = step_of(state)
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl" if main else os.devnull)
+    if main:
+        metrics_log.truncate_after(start_step)
 
     tokens_per_step = cfg.tokens_per_step
     flops_token = flops_per_token(cfg.model)
-    peak, peak_source = peak_flops(cfg.train.peak_tflops)
+    peak_per_device, peak_source = peak_flops(cfg.train.peak_tflops)
+    peak = peak_per_device * dp.n_devices  # MFU of the whole job
     devices = jax.devices()
-    log(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}); peak {si(peak, 'FLOP/s')} ({peak_source})")
-    log(f"model: {count_params(state.params) / 1e6:.2f}M parameters (non-embedding), "
-        f"{count_params(state.params, False) / 1e6:.2f}M total; {si(flops_token)} FLOPs/token; "
+    log(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}) in {jax.process_count()} "
+        f"process(es), --parallel={dp.mode}; peak {si(peak_per_device, 'FLOP/s')} per device ({peak_source})")
+    params = dp.checkpointable(state).params
+    log(f"model: {count_params(params) / 1e6:.2f}M parameters (non-embedding), "
+        f"{count_params(params, False) / 1e6:.2f}M total; {si(flops_token)} FLOPs/token; "
         f"{tokens_per_step:,} tokens/step; compute dtype {jnp.dtype(compute_dtype(cfg.train.dtype)).name}")
     if resume:
         log(f"resuming from step {start_step} of {cfg.train.max_iters}")
 
-    train_step = jax.jit(make_train_step(cfg), donate_argnums=0)  # the state is updated in place
     eval_step = jax.jit(make_eval_step(cfg))
 
+    saved_at = {"latest": start_step} if resume else {}  # in memory: every process makes the same orbax calls
+
     def save(kind: str, state: TrainState) -> None:
-        if checkpoint.latest_step(out_dir, kind) == int(state.step):
+        if saved_at.get(kind) == step_of(state):
             return  # already saved at this step
-        meta_out = {**meta, "config": cfg.to_dict(), "tokenizer": dataset.tokenizer.to_json(), "step": int(state.step)}
-        checkpoint.save(out_dir, kind, int(state.step), state, meta_out)
+        saved_at[kind] = step_of(state)
+        meta_out = {**meta, "config": cfg.to_dict(), "tokenizer": dataset.tokenizer.to_json(), "step": step_of(state)}
+        checkpoint.save(out_dir, kind, int(step_of(state)), dp.checkpointable(state), meta_out)
 
     def run_eval(step: int) -> None:
         """Evaluate, log, plot, and checkpoint (latest, and best when val improved)."""
         nonlocal paused_s
         started = time.perf_counter()
-        losses = evaluate(eval_step, state.params, dataset, cfg)
+        losses = evaluate(eval_step, dp.checkpointable(state).params, dataset, cfg)
         metrics_log.write({"kind": "eval", "step": step, **losses})
-        plot_losses(metrics_log.read(), out_dir / "loss.png")
+        if main:
+            plot_losses(metrics_log.read(), out_dir / "loss.png")
         improved = losses["val_loss"] < meta["best_val_loss"]
         if improved:
             meta["best_val_loss"] = losses["val_loss"]
@@ -159,7 +179,8 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
         paused_s += time.perf_counter() - started  # throughput counts training steps only
 
     steps = range(start_step, cfg.train.max_iters)
-    batches = data.prefetch(lambda s: batch_for_step(dataset.train, cfg, s), steps, cfg.train.prefetch)
+    rows = dp.local_rows()
+    batches = data.prefetch(lambda s: batch_for_step(dataset.train, cfg, s, rows), steps, cfg.train.prefetch)
     bar = tqdm(total=cfg.train.max_iters, initial=start_step, disable=not progress, dynamic_ncols=True,
                unit="step", mininterval=0.5)
     wall_start = time.perf_counter()
@@ -173,7 +194,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
     def read_metrics(pending) -> None:
         nonlocal timed_from, timed_steps
         step, metrics = pending
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}  # pmap: one per device
         if not math.isfinite(metrics["loss"]):
             raise TrainingDiverged(f"loss is {metrics['loss']} at step {step}; stopped, the last good checkpoint "
                                    f"is kept. Lower --learning_rate or set --grad_clip")
@@ -194,7 +215,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
         if start_step == 0:
             run_eval(0)
         for step, (x_ABT, y_ABT) in zip(steps, batches):
-            state, metrics = train_step(state, x_ABT, y_ABT)
+            state, metrics = dp.step(state, *dp.place_batch(x_ABT, y_ABT))
             if pending is not None:
                 read_metrics(pending)
             pending = (step, metrics)
@@ -216,10 +237,10 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
 
     wall = time.perf_counter() - wall_start
     rate = train_rate(time.perf_counter())
-    summary = {"steps": int(state.step), "best_val_loss": meta["best_val_loss"], "wall_s": wall,
+    summary = {"steps": step_of(state), "best_val_loss": meta["best_val_loss"], "wall_s": wall,
                "tokens_per_s": rate, "mfu": rate * flops_token / peak, "stopped_by": stopped_by}
     if stopped_by:
-        log(f"{stopped_by}: saved step {int(state.step)}; continue with: python train.py ... --out_dir={out_dir} --resume")
+        log(f"{stopped_by}: saved step {step_of(state)}; continue with: python train.py ... --out_dir={out_dir} --resume")
     else:
         log(f"done: {summary['steps']} steps, best val loss {summary['best_val_loss']:.4f}, wall {wall:.1f} s, "
             f"{si(rate)} tokens/s, MFU {100 * summary['mfu']:.1f}%")
