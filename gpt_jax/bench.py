@@ -9,6 +9,7 @@ on CPU the fp32 matmul rate measured in the same process). `sample` compares KV-
 nanoGPT-style recomputation on a trained checkpoint.
 """
 
+import json
 import statistics
 import sys
 import time
@@ -93,10 +94,50 @@ def _take(argv: list[str], key: str, default: str) -> str:
     return default
 
 
+def parallel_main(command: str, argv: list[str]) -> int:
+    """`scaling`: the data-parallel sweep (gpt_jax.bench_parallel); `compile`: compile time against depth."""
+    from pathlib import Path
+
+    from gpt_jax import bench_parallel
+
+    layers = [int(n) for n in _take(argv, "layers", "2,6,12,24").split(",")]
+    if command == "compile":
+        path = argv.pop(0) if argv and not argv[0].startswith("--") else "configs/shakespeare_char_cpu.toml"
+        cfg = with_vocab(config.load(config.REPO_ROOT / path, config.parse_overrides(argv)), 65)
+        print(bench_parallel.report({"note": "single device", "points": [], "multiprocess_points": [], "modes": [],
+                                     "compile": bench_parallel.compile_times(cfg, layers)}).split("\n", 2)[-1])
+        return 0
+    devices = [int(n) for n in _take(argv, "devices", "1,2,4,8").split(",")]
+    processes = [int(n) for n in _take(argv, "processes", "2,4").split(",") if n]
+    modes = _take(argv, "modes", "sharding,shard_map,pmap,fsdp").split(",")
+    per_device_batch = int(_take(argv, "per_device_batch", "8"))
+    steps = int(_take(argv, "steps", "5"))
+    out = Path(_take(argv, "out", "bench_out"))
+    if not argv or argv[0].startswith("--"):
+        argv.insert(0, str(config.REPO_ROOT / "configs" / "shakespeare_char_cpu.toml"))
+    cfg = config.load(argv[0], config.parse_overrides(argv[1:]))  # validate before starting subprocesses
+    for p in devices:
+        from gpt_jax.parallel import check_divisible
+
+        check_divisible(per_device_batch * max(devices), p)
+    results = bench_parallel.sweep(argv, devices, processes, modes, per_device_batch, steps)
+    results["compile"] = bench_parallel.compile_times(with_vocab(cfg, 65), layers)
+    out.mkdir(parents=True, exist_ok=True)
+    from gpt_jax.fileio import write_atomic
+
+    write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+    bench_parallel.plot(results, out)
+    print(bench_parallel.report(results))
+    print(f"wrote {out / 'results.json'}, {out / 'step_breakdown.png'}, {out / 'efficiency.png'}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("step", "sample"):
-        raise ConfigError("usage: python -m gpt_jax.bench {step,sample} [...]; see the module docstring")
+    if not argv or argv[0] not in ("step", "sample", "scaling", "compile"):
+        raise ConfigError("usage: python -m gpt_jax.bench {step,sample,scaling,compile} [...]; see the module docstring")
     command, argv = argv[0], list(argv[1:])
+    if command in ("scaling", "compile"):
+        return parallel_main(command, argv)
     if command == "step":
         steps = int(_take(argv, "steps", "20"))
         path = argv.pop(0) if argv and not argv[0].startswith("--") else "configs/shakespeare_char_cpu.toml"
