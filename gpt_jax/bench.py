@@ -110,8 +110,8 @@ def parallel_main(command: str, argv: list[str]) -> int:
     devices = [int(n) for n in _take(argv, "devices", "1,2,4,8").split(",")]
     processes = [int(n) for n in _take(argv, "processes", "2,4").split(",") if n]
     modes = _take(argv, "modes", "sharding,shard_map,pmap,fsdp").split(",")
-    per_device_batch = int(_take(argv, "per_device_batch", "8"))
-    steps = int(_take(argv, "steps", "5"))
+    per_device_batch = int(_take(argv, "per_device_batch", "4"))
+    steps = int(_take(argv, "steps", "4"))
     out = Path(_take(argv, "out", "bench_out"))
     if not argv or argv[0].startswith("--"):
         argv.insert(0, str(config.REPO_ROOT / "configs" / "shakespeare_char_cpu.toml"))

@@ -146,7 +146,7 @@ def from_run(out_dir: str | Path, allreduce_json: str | None = None) -> tuple[Wo
     if allreduce_json:
         data = json.loads(Path(allreduce_json).read_text())
         fit = data.get("allreduce_fit", data)
-        measured["latency"] = fit["alpha_s"]
+        measured["latency"] = max(0.0, fit["alpha_s"])  # a fit can put a tiny start-up cost below zero
         measured["bandwidth"] = fit["bandwidth_bytes_per_s"]
     return w, measured
 
