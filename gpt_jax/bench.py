@@ -2,6 +2,8 @@
 
     python -m gpt_jax.bench step [CONFIG.toml] [--key=value ...] [--steps=N] [--peak_tflops=X]
     python -m gpt_jax.bench sample [--out_dir=DIR] [--max_new_tokens=500] [--batch_sizes=1,8]
+    python -m gpt_jax.bench scaling [...]    # data-parallel sweep: see gpt_jax/bench_parallel.py
+    python -m gpt_jax.bench compile [CONFIG.toml] [--layers=2,6,12,24]
 
 `step` times the jitted train step on random tokens: compile time, then the median of timed steps after
 warm-up (block_until_ready), tokens/s, achieved TFLOP/s and MFU against the peak (datasheet on accelerators;
@@ -13,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +25,9 @@ from gpt_jax import config
 from gpt_jax.cli import run_main
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import flops_per_token
+from gpt_jax.fileio import write_atomic
 from gpt_jax.peak import measure_matmul_flops, peak_flops
-from gpt_jax.parallel import make_data_parallel
+from gpt_jax.parallel import check_divisible, make_data_parallel
 from gpt_jax.train_step import with_vocab
 
 
@@ -96,8 +100,6 @@ def _take(argv: list[str], key: str, default: str) -> str:
 
 def parallel_main(command: str, argv: list[str]) -> int:
     """`scaling`: the data-parallel sweep (gpt_jax.bench_parallel); `compile`: compile time against depth."""
-    from pathlib import Path
-
     from gpt_jax import bench_parallel
 
     layers = [int(n) for n in _take(argv, "layers", "2,6,12,24").split(",")]
@@ -117,14 +119,10 @@ def parallel_main(command: str, argv: list[str]) -> int:
         argv.insert(0, str(config.REPO_ROOT / "configs" / "shakespeare_char_cpu.toml"))
     cfg = config.load(argv[0], config.parse_overrides(argv[1:]))  # validate before starting subprocesses
     for p in devices:
-        from gpt_jax.parallel import check_divisible
-
-        check_divisible(per_device_batch * max(devices), p)
+        check_divisible(per_device_batch * max(devices), p)  # the strong-scaling batch splits over every count
     results = bench_parallel.sweep(argv, devices, processes, modes, per_device_batch, steps)
     results["compile"] = bench_parallel.compile_times(with_vocab(cfg, 65), layers)
     out.mkdir(parents=True, exist_ok=True)
-    from gpt_jax.fileio import write_atomic
-
     write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
     bench_parallel.plot(results, out)
     print(bench_parallel.report(results))

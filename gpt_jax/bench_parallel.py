@@ -269,7 +269,7 @@ def _point_main(argv: list[str]) -> int:
     from gpt_jax import config
     from gpt_jax.parallel import init_distributed
 
-    opts = {k: v for k, v in config.parse_overrides([a for a in argv if a.startswith("--")]).items()}
+    opts = config.parse_overrides([a for a in argv if a.startswith("--")])
     launch = {k: opts.pop(k) for k in ("coordinator", "num_processes", "process_id") if k in opts}
     init_distributed(launch.get("coordinator"), int(launch["num_processes"]) if launch else None,
                      int(launch["process_id"]) if launch else None, timeout_s=120)
