@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 from gpt_jax.errors import CheckpointError
 
 KINDS = ("latest", "best")
-logging.getLogger("absl").setLevel(logging.WARNING)
+logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax's failures surface as CheckpointError instead
 
 
 def _manager(out_dir: str | Path, kind: str, create: bool = False) -> ocp.CheckpointManager:
@@ -33,10 +33,19 @@ def latest_step(out_dir: str | Path, kind: str = "latest") -> int | None:
 
 def save(out_dir: str | Path, kind: str, step: int, state, meta: dict) -> None:
     """Write `state` (a pytree of arrays) and `meta` (JSON-able) as the `kind` checkpoint at `step`."""
-    with _manager(out_dir, kind, create=True) as mngr:
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                  force=True)
-        mngr.wait_until_finished()
+    try:
+        with _manager(out_dir, kind, create=True) as mngr:
+            mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                      force=True)
+            mngr.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:  # disk full, permissions (orbax/tensorstore raise ValueError)
+        # orbax wrote into a temporary folder, so the previous checkpoint stands
+        reason = "no space left on device" if "No space left" in str(e) or "RESOURCE_EXHAUSTED" in str(e) else (
+            str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__)
+        raise CheckpointError(
+            f"could not save the {kind} checkpoint at step {step} in {out_dir} ({reason}); the previous "
+            f"checkpoint is kept. Free disk space or choose another --out_dir, then --resume"
+        ) from None
 
 
 def read_meta(out_dir: str | Path, kind: str = "latest") -> tuple[int, dict]:

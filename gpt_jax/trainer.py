@@ -130,8 +130,8 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
     out_dir.mkdir(parents=True, exist_ok=True)
     start_step = step_of(state)
     metrics_log = MetricsLog(out_dir / "metrics.jsonl" if main else os.devnull)
-    if main:
-        metrics_log.truncate_after(start_step)
+    if main:  # drop records of work a kill lost (all of them for a fresh start in a used folder)
+        metrics_log.truncate_after(start_step if resume else -1)
 
     tokens_per_step = cfg.tokens_per_step
     flops_token = flops_per_token(cfg.model)
@@ -211,7 +211,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
             metrics_log.write({"kind": "train", "step": step, **metrics, "tokens_per_s": rate, "mfu": mfu,
                                "tokens_seen": (step + 1) * tokens_per_step})
 
-    with StopRequest() as stop:
+    with StopRequest() as stop, bar:  # the bar closes before any error line is printed
         if start_step == 0:
             run_eval(0)
         for step, (x_ABT, y_ABT) in zip(steps, batches):
@@ -233,7 +233,6 @@ def train(cfg: Config, *, resume: bool = False, log=print, progress: bool = True
                 break
         if pending is not None:
             read_metrics(pending)
-    bar.close()
 
     wall = time.perf_counter() - wall_start
     rate = train_rate(time.perf_counter())

@@ -23,8 +23,7 @@ def simulated(n: int) -> dict:
     return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "PYTHONPATH": f"{REPO}{os.pathsep}{TESTS}"}
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_every_mode_matches_one_device(accumulation):
+def test_every_mode_matches_one_device(accumulation=2):  # accumulation inside every mode too
     result = run_script(TESTS / "dp_worker.py", accumulation, env=simulated(8), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
