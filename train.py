@@ -14,6 +14,7 @@ import sys
 from gpt_jax import config
 from gpt_jax.cli import run_main
 from gpt_jax.config import REPO_ROOT
+from gpt_jax.hostmem import keep_freed_memory
 
 USAGE = ("usage: python train.py [CONFIG.toml] [--key=value ...] [--resume] [--debug]\n"
          "       [--coordinator=HOST:PORT --num_processes=N --process_id=I] [--init_timeout=SECONDS]")
@@ -32,6 +33,7 @@ def default_config_path() -> str:
 
 
 def main(argv: list[str]) -> int:
+    keep_freed_memory()  # before JAX starts: see gpt_jax/hostmem.py
     if "--help" in argv or "-h" in argv:
         print(USAGE + "\n\nkeys (--key=value; the same names in a config file):\n" + config.help_text())
         return 0

@@ -17,18 +17,23 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from gpt_jax.hostmem import keep_freed_memory
 
-from gpt_jax import config
-from gpt_jax.cli import run_main
-from gpt_jax.errors import ConfigError
-from gpt_jax.model import flops_per_token
-from gpt_jax.fileio import write_atomic
-from gpt_jax.peak import measure_matmul_flops, peak_flops
-from gpt_jax.parallel import check_divisible, make_data_parallel
-from gpt_jax.train_step import with_vocab
+if __name__ == "__main__":
+    keep_freed_memory()  # as train.py does, before NumPy and JAX start their threads: see gpt_jax/hostmem.py
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gpt_jax import config  # noqa: E402
+from gpt_jax.cli import run_main  # noqa: E402
+from gpt_jax.errors import ConfigError  # noqa: E402
+from gpt_jax.model import attention_kernel, flops_per_token  # noqa: E402
+from gpt_jax.fileio import write_atomic  # noqa: E402
+from gpt_jax.peak import measure_matmul_flops, peak_flops  # noqa: E402
+from gpt_jax.parallel import check_divisible, make_data_parallel  # noqa: E402
+from gpt_jax.train_step import compute_dtype, with_vocab  # noqa: E402
 
 
 def _timed(fn, *args):
@@ -56,17 +61,22 @@ def bench_step(cfg: config.Config, steps: int = 20, warmup: int = 3) -> dict:
     for _ in range(steps):
         (state, _), dt = _timed(compiled, state, x, y)
         times.append(dt)
-    if cfg.train.peak_tflops > 0 or jax.default_backend() != "cpu":
+    dtype = compute_dtype(cfg.train.dtype)
+    on_cpu = jax.default_backend() == "cpu"
+    measured = measure_matmul_flops(2048 if on_cpu else 8192, dtype)  # this machine's practical peak, same run
+    dtype_name = jnp.dtype(dtype).name
+    if cfg.train.peak_tflops > 0 or not on_cpu:
         peak, source = peak_flops(cfg.train.peak_tflops)
     else:
-        peak, source = measure_matmul_flops(), "fp32 matmul measured in this run"
+        peak, source = measured, f"{dtype_name} matmul measured in this run"
     median = statistics.median(times)
     tokens = A * B * T
     flops = flops_per_token(cfg.model) * tokens / median / dp.n_devices  # per device, like the peak
     return {"step_ms": 1e3 * median, "compile_s": compile_s, "tokens_per_s": tokens / median,
             "achieved_tflops": flops / 1e12, "peak_tflops": peak / 1e12, "peak_source": source, "mfu": flops / peak,
-            "tokens_per_step": tokens, "steps_timed": steps, "device": jax.devices()[0].device_kind,
-            "devices": dp.n_devices, "parallel": dp.mode}
+            "measured_peak_tflops": measured / 1e12, "mfu_measured": flops / measured, "dtype": dtype_name,
+            "attention": attention_kernel(cfg.model, dtype, B // dp.n_devices), "tokens_per_step": tokens,
+            "steps_timed": steps, "device": jax.devices()[0].device_kind, "devices": dp.n_devices, "parallel": dp.mode}
 
 
 def bench_sample(out_dir: str, max_new_tokens: int, batch_sizes: list[int], seed: int = 0) -> list[dict]:
@@ -143,7 +153,10 @@ def main(argv: list[str]) -> int:
         r = bench_step(cfg, steps=steps)
         print(f"{path} on {r['devices']} x {r['device']} (--parallel={r['parallel']}): compile {r['compile_s']:.1f} s | step {r['step_ms']:.1f} ms (median of "
               f"{r['steps_timed']}) | {r['tokens_per_s']:,.0f} tokens/s | {r['achieved_tflops'] * 1e3:.1f} GFLOP/s per device | "
-              f"peak {r['peak_tflops'] * 1e3:.1f} GFLOP/s ({r['peak_source']}) | MFU {100 * r['mfu']:.1f}%")
+              f"peak {r['peak_tflops'] * 1e3:.1f} GFLOP/s ({r['peak_source']}) | MFU {100 * r['mfu']:.1f}%"
+              + ("" if r["peak_source"].endswith("in this run") else
+                 f" | measured {r['dtype']} matmul {r['measured_peak_tflops'] * 1e3:.1f} GFLOP/s, MFU {100 * r['mfu_measured']:.1f}%")
+              + f" | {r['dtype']}, attention: {r['attention']}")
         return 0
     out_dir = _take(argv, "out_dir", "out-shakespeare-char")
     max_new = int(_take(argv, "max_new_tokens", "500"))

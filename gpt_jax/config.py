@@ -77,6 +77,7 @@ class TrainConfig:
     dtype: str = _field("auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16")
     peak_tflops: float = _field(0.0, "peak FLOP/s (in TFLOP/s) for MFU; 0: datasheet table or measured on CPU")
     prefetch: int = _field(2, "batches prepared ahead of the step on a host thread")
+    unroll_layers: bool = _field(True, "unroll the layer scan in the train and eval steps (faster steps, compile time grows with depth)")
     parallel: str = _field("sharding", "data-parallel mode over all devices: sharding, shard_map, pmap, fsdp")
     always_save_checkpoint: bool = _field(True, "save the latest checkpoint at every evaluation, not only when val improves")
 

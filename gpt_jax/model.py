@@ -17,7 +17,8 @@ when `cfg.bias`.
   ln_f             scale (D,) [bias (D,)]
 
 Precision: parameters are float32; matmuls run in the compute `dtype`; LayerNorm statistics, the softmax
-and the loss are float32.
+and the loss are float32. Attention is cuDNN's fused kernel on NVIDIA GPUs in 16-bit floats (see
+`causal_attention`), an einsum softmax elsewhere.
 """
 
 import math
@@ -133,6 +134,42 @@ def attend(q_BTHK, k_BSHK, v_BSHK, mask_TS, *, rate: float = 0.0, key=None) -> j
     return jnp.einsum("bhts,bshk->bthk", att_BHTS, v_BSHK)
 
 
+def _fused_attention_allowed(dtype) -> bool:
+    """cuDNN's fused attention runs on NVIDIA GPUs in 16-bit floats only."""
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+def causal_attention(q_BTHK, k_BTHK, v_BTHK, *, rate: float = 0.0, key=None) -> jax.Array:
+    """Causal self-attention -> (B, T, H, K).
+
+    On a GPU in bfloat16/float16 and without attention dropout this is cuDNN's fused (flash) kernel via
+    `jax.nn.dot_product_attention`; where cuDNN rejects the shape, dtype or version at trace time, and
+    everywhere else (CPU, float32, dropout on the probabilities), the einsum path of `attend`.
+    """
+    if _fused_attention_allowed(q_BTHK.dtype) and (rate == 0.0 or key is None):
+        try:
+            return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation="cudnn")
+        except (ValueError, TypeError, NotImplementedError, RuntimeError):
+            pass  # unsupported here: fall back to XLA
+    T = q_BTHK.shape[1]
+    return attend(q_BTHK, k_BTHK, v_BTHK, jnp.tril(jnp.ones((T, T), bool)), rate=rate, key=key)
+
+
+def attention_kernel(cfg: ModelConfig, dtype, batch_size: int = 1, train: bool = True) -> str:
+    """Which attention path a forward pass of `cfg` in `dtype` takes on this backend, in words."""
+    if not _fused_attention_allowed(dtype):
+        return f"XLA einsum ({jax.default_backend()}, {jnp.dtype(dtype).name})"
+    if train and cfg.dropout > 0:
+        return f"XLA einsum (attention dropout {cfg.dropout} is not fused)"
+    shape = jax.ShapeDtypeStruct((batch_size, cfg.block_size, cfg.n_head, cfg.head_size), dtype)
+    try:
+        jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")).lower(
+            shape, shape, shape).compile()
+    except Exception as e:  # noqa: BLE001 - any refusal means the fallback runs
+        return f"XLA einsum (cuDNN refused: {str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__})"
+    return "cuDNN fused (jax.nn.dot_product_attention)"
+
+
 def mlp(x_BTD: jax.Array, p: dict) -> jax.Array:
     """4x GELU MLP (tanh approximation, as GPT-2)."""
     h = jax.nn.gelu(dense(x_BTD, p["w_fc"], p.get("b_fc")), approximate=True)  # (B, T, F)
@@ -152,12 +189,13 @@ def block(x_BTD: jax.Array, p: dict, cfg: ModelConfig, key: jax.Array | None = N
     k_att, k_res1, k_res2 = jax.random.split(key, 3) if key is not None else (None, None, None)
     q, k, v = qkv_heads(layer_norm(x_BTD, p["ln_1"]), p["attn"], cfg)  # (B, T, H, K)
     if cache is None:
-        mask_TS = jnp.tril(jnp.ones((T, T), bool))
+        y = causal_attention(q, k, v, rate=cfg.dropout, key=k_att)  # (B, T, H, K)
     else:
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, axis=1)  # (B, S, H, K)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, axis=1)
         mask_TS = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]
-    y = attend(q, k, v, mask_TS, rate=cfg.dropout, key=k_att).reshape(x_BTD.shape)  # (B, T, D)
+        y = attend(q, k, v, mask_TS, rate=cfg.dropout, key=k_att)
+    y = y.reshape(x_BTD.shape)  # (B, T, D)
     x_BTD = x_BTD + dropout(dense(y, p["attn"]["w_out"], p["attn"].get("b_out")), cfg.dropout, k_res1)
     x_BTD = x_BTD + dropout(mlp(layer_norm(x_BTD, p["ln_2"]), p["mlp"]), cfg.dropout, k_res2)
     return x_BTD, (k, v)
@@ -165,8 +203,11 @@ def block(x_BTD: jax.Array, p: dict, cfg: ModelConfig, key: jax.Array | None = N
 
 def forward_with_cache(params: dict, idx_BT: jax.Array, cfg: ModelConfig, *, dropout_key: jax.Array | None = None,
                        dtype=jnp.float32, cache: tuple[jax.Array, jax.Array] | None = None,
-                       pos=0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                       pos=0, unroll: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """forward() that also returns the keys and values of every layer, each (L, B, S, H, K).
+
+    The blocks run in a `lax.scan` over the stacked layer axis; `unroll=True` unrolls it (the same
+    arithmetic; compile time grows with depth, steps run faster on CPU: see docs/benchmarks.md).
 
     With `cache` (from an earlier call), idx_BT holds the tokens at positions pos..pos+T-1 and only they are
     computed: the KV-cache decode step. Without it, the returned keys and values are the prefill cache.
@@ -184,19 +225,19 @@ def forward_with_cache(params: dict, idx_BT: jax.Array, cfg: ModelConfig, *, dro
         p, key, layer_cache = layer
         return block(x, p, cfg, key, cache=layer_cache, pos=pos)
 
-    x_BTD, kv = jax.lax.scan(body, x_BTD, (params["blocks"], layer_keys, cache))
+    x_BTD, kv = jax.lax.scan(body, x_BTD, (params["blocks"], layer_keys, cache), unroll=bool(unroll))
     x_BTD = layer_norm(x_BTD, params["ln_f"])
     return dense(x_BTD, params["wte"].T).astype(jnp.float32), kv  # (B, T, V): tied head
 
 
 def forward(params: dict, idx_BT: jax.Array, cfg: ModelConfig, *, dropout_key: jax.Array | None = None,
-            dtype=jnp.float32) -> jax.Array:
+            dtype=jnp.float32, unroll: bool = False) -> jax.Array:
     """Token ids (B, T) -> float32 logits (B, T, V). Train mode (dropout) with a key, eval mode without."""
-    return forward_with_cache(params, idx_BT, cfg, dropout_key=dropout_key, dtype=dtype)[0]
+    return forward_with_cache(params, idx_BT, cfg, dropout_key=dropout_key, dtype=dtype, unroll=unroll)[0]
 
 
 def loss_fn(params: dict, x_BT: jax.Array, y_BT: jax.Array, cfg: ModelConfig, *,
-            dropout_key: jax.Array | None = None, dtype=jnp.float32) -> jax.Array:
+            dropout_key: jax.Array | None = None, dtype=jnp.float32, unroll: bool = False) -> jax.Array:
     """Mean next-token cross-entropy in float32."""
-    logits_BTV = forward(params, x_BT, cfg, dropout_key=dropout_key, dtype=dtype)
+    logits_BTV = forward(params, x_BT, cfg, dropout_key=dropout_key, dtype=dtype, unroll=unroll)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, y_BT).mean()

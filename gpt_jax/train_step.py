@@ -64,7 +64,8 @@ def make_train_step(cfg: Config, *, axis_name: str | None = None, all_reduce: bo
             loss_sum, grads_sum = carry
             i, x_BT, y_BT = inputs
             key = jax.random.fold_in(step_key, i) if cfg.model.dropout > 0 else None
-            loss, grads = grad_fn(state.params, x_BT, y_BT, cfg.model, dropout_key=key, dtype=dtype)
+            loss, grads = grad_fn(state.params, x_BT, y_BT, cfg.model, dropout_key=key, dtype=dtype,
+                                  unroll=cfg.train.unroll_layers)
             return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), None
 
         A = x_ABT.shape[0]
@@ -89,7 +90,7 @@ def make_eval_step(cfg: Config) -> Callable:
     dtype = compute_dtype(cfg.train.dtype)
 
     def eval_step(params: dict, x_BT: jax.Array, y_BT: jax.Array) -> jax.Array:
-        return loss_fn(params, x_BT, y_BT, cfg.model, dtype=dtype)
+        return loss_fn(params, x_BT, y_BT, cfg.model, dtype=dtype, unroll=cfg.train.unroll_layers)
 
     return eval_step
 

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import jax
@@ -138,3 +139,43 @@ def test_tiny_model_overfits_one_batch():
     for _ in range(300):
         params, opt_state, loss = step(params, opt_state)
     assert float(loss) < 0.1
+
+
+def test_gpt2_124m_config_is_gpt2_small():
+    from gpt_jax import config
+
+    cfg = config.load(config.REPO_ROOT / "configs" / "gpt2_124m.toml").model
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (12, 12, 768, 1024)
+    assert cfg.vocab_size % 64 == 0 and cfg.vocab_size >= 50257
+    shapes = jax.eval_shape(lambda k: init_params(k, cfg), jax.random.key(0))
+    assert count_params(shapes) == 12 * 12 * 768**2 + 12 * 2 * 768 + 768 + 50304 * 768  # 123.59M, as nanoGPT (bias=False)
+
+
+def test_einsum_attention_matches_jax_dot_product_attention():
+    """The fused path (cuDNN on GPU) and ours agree on layout (B, T, H, K), scale and causal mask."""
+    from gpt_jax.model import causal_attention
+
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 7, 4, 16))
+    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(causal_attention(q, k, v), expected, atol=1e-5)
+
+
+def test_fused_attention_falls_back_where_cudnn_refuses(params, monkeypatch):
+    """Pretend to be on a GPU: cuDNN refuses (no cuDNN on this machine) and the einsum path runs instead."""
+    from gpt_jax import model
+
+    cfg = dataclasses.replace(CFG, dropout=0.0)
+    idx = jax.random.randint(jax.random.key(1), (2, cfg.block_size), 0, cfg.vocab_size)
+    expected = forward(params, idx, cfg, dtype=jnp.bfloat16)
+    assert model.attention_kernel(cfg, jnp.bfloat16).startswith("XLA einsum (cpu")
+    monkeypatch.setattr(model, "_fused_attention_allowed", lambda dtype: True)
+    assert model.attention_kernel(cfg, jnp.bfloat16).startswith("XLA einsum (cuDNN refused")
+    np.testing.assert_array_equal(forward(params, idx, cfg, dtype=jnp.bfloat16), expected)
+
+
+def test_unrolled_layers_compute_the_same_loss_and_gradients(params):
+    x, y = tokens(1), tokens(2)
+    scanned = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, x, y, CFG)))(params)
+    unrolled = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, x, y, CFG, unroll=True)))(params)
+    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
