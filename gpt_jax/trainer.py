@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,8 +42,13 @@ def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir {out_dir} is a file, not a folder; choose another --out_dir")
     parent = out_dir if out_dir.exists() else next(p for p in out_dir.absolute().parents if p.exists())
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"out_dir {out_dir} is not writable; choose another --out_dir")
+    try:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(parent)
+        with tempfile.TemporaryFile(dir=parent):  # root passes os.access everywhere: try a write, leave nothing
+            pass
+    except OSError:
+        raise ConfigError(f"out_dir {out_dir} is not writable; choose another --out_dir") from None
 
 
 def model_differences(saved: dict, cfg: Config) -> list[str]:

@@ -56,6 +56,7 @@ def bad_inputs(root, corpus, out):
         (["train.py", *ok(), f"--dataset={root / 'latin1.txt'}"], f"error: {root / 'latin1.txt'} is not valid UTF-8: byte 0xe9 at offset 16"),
         (["train.py", *ok(), f"--dataset={root / 'nope.txt'}"], f"error: dataset not found: {root / 'nope.txt'}"),
         (["train.py", *tiny_overrides(corpus, root / "a_file")], f"error: out_dir {root / 'a_file'} is a file"),
+        (["train.py", *tiny_overrides(corpus, "/proc/gpt_jax_out")], "error: out_dir /proc/gpt_jax_out is not writable"),
         (["train.py", *tiny_overrides(corpus, root / "fresh"), "--resume"], "error: no checkpoint in"),
         (["train.py", *ok(n_layer=3, n_embd=48), "--resume"],
          "error: the checkpoint's model differs from the config (n_layer: checkpoint 2, config 3; n_embd: checkpoint 32, config 48)"),
