@@ -46,5 +46,6 @@ def test_scaling_sweep_smoke(tmp_path):
     assert results["points"][0]["weak"]["sharding"]["efficiency"] == 1.0
     assert results["allreduce_fit"]["samples"] == 4 and results["allreduce_fit"]["bandwidth_bytes_per_s"] != 0
     assert [r["n_layer"] for r in results["compile"]] == [1, 2]
+    assert all(r["scanned_s"] > 0 and r["unrolled_s"] > 0 for r in results["compile"])
     for png in ("step_breakdown.png", "efficiency.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
