@@ -11,6 +11,7 @@ on CPU the fp32 matmul rate measured in the same process). `sample` compares KV-
 nanoGPT-style recomputation on a trained checkpoint.
 """
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -33,7 +34,7 @@ from gpt_jax.model import attention_kernel, flops_per_token  # noqa: E402
 from gpt_jax.fileio import write_atomic  # noqa: E402
 from gpt_jax.peak import measure_matmul_flops, peak_flops  # noqa: E402
 from gpt_jax.parallel import check_divisible, make_data_parallel  # noqa: E402
-from gpt_jax.train_step import compute_dtype, with_vocab  # noqa: E402
+from gpt_jax.train_step import compute_dtype, create_train_state, make_train_step, with_vocab  # noqa: E402
 
 
 def _timed(fn, *args):
@@ -100,6 +101,30 @@ def bench_sample(out_dir: str, max_new_tokens: int, batch_sizes: list[int], seed
     return rows
 
 
+def compile_times(cfg, layers: list[int]) -> list[dict]:
+    """Seconds to lower and compile the train step as n_layer grows, with the layer scan kept (nearly flat)
+    and unrolled (`unroll_layers`, the default: grows with depth)."""
+    rows = []
+    for n in layers:
+        row = {"n_layer": n}
+        for key, unroll in (("scanned_s", False), ("unrolled_s", True)):
+            c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=n),
+                                    train=dataclasses.replace(cfg.train, unroll_layers=unroll))
+            state = jax.eval_shape(lambda: create_train_state(c))
+            x = jax.ShapeDtypeStruct((1, c.train.batch_size, c.model.block_size), np.int32)
+            start = time.perf_counter()
+            jax.jit(make_train_step(c)).lower(state, x, x).compile()
+            row[key] = time.perf_counter() - start
+        rows.append(row)
+    return rows
+
+
+def compile_report(rows: list[dict]) -> str:
+    """One line per depth."""
+    return "\n".join(f"compile time, n_layer {row['n_layer']:>2}: {row['scanned_s']:.1f} s with the layer scan, "
+                     f"{row['unrolled_s']:.1f} s unrolled" for row in rows)
+
+
 def _take(argv: list[str], key: str, default: str) -> str:
     for a in list(argv):
         if a.startswith(f"--{key}="):
@@ -116,8 +141,7 @@ def parallel_main(command: str, argv: list[str]) -> int:
     if command == "compile":
         path = argv.pop(0) if argv and not argv[0].startswith("--") else "configs/shakespeare_char_cpu.toml"
         cfg = with_vocab(config.load(config.REPO_ROOT / path, config.parse_overrides(argv)), 65)
-        print(bench_parallel.report({"note": "single device", "points": [], "multiprocess_points": [], "modes": [],
-                                     "compile": bench_parallel.compile_times(cfg, layers)}).split("\n", 2)[-1])
+        print(compile_report(compile_times(cfg, layers)))
         return 0
     devices = [int(n) for n in _take(argv, "devices", "1,2,4,8").split(",")]
     processes = [int(n) for n in _take(argv, "processes", "2,4").split(",") if n]
@@ -131,11 +155,12 @@ def parallel_main(command: str, argv: list[str]) -> int:
     for p in devices:
         check_divisible(per_device_batch * max(devices), p)  # the strong-scaling batch splits over every count
     results = bench_parallel.sweep(argv, devices, processes, modes, per_device_batch, steps)
-    results["compile"] = bench_parallel.compile_times(with_vocab(cfg, 65), layers)
+    results["compile"] = compile_times(with_vocab(cfg, 65), layers)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
     bench_parallel.plot(results, out)
     print(bench_parallel.report(results))
+    print(compile_report(results["compile"]))
     print(f"wrote {out / 'results.json'}, {out / 'step_breakdown.png'}, {out / 'efficiency.png'}")
     return 0
 

@@ -2,7 +2,6 @@
 
     python -m gpt_jax.bench scaling [CONFIG.toml] [--key=value ...] [--devices=1,2,4,8] [--processes=2,4]
         [--modes=sharding,shard_map,pmap,fsdp] [--per_device_batch=4] [--steps=4] [--out=bench_out]
-    python -m gpt_jax.bench compile [CONFIG.toml] [--layers=2,6,12,24]
 
 For each device count (on a CPU-only machine, a subprocess with that many simulated devices) and mode:
 the full train step; the same step without the gradient all-reduce (shard_map with local gradients: not a
@@ -179,28 +178,6 @@ def sweep(config_args: list[str], devices: list[int], processes: list[int], mode
             "allreduce_fit": fit_allreduce(points), "multiprocess_allreduce_fit": fit_allreduce(mp_points)}
 
 
-def compile_times(cfg, layers: list[int]) -> list[dict]:
-    """Seconds to lower and compile the train step as n_layer grows, with the layer scan kept (nearly flat)
-    and unrolled (`unroll_layers`, the default: grows with depth)."""
-    import jax
-
-    from gpt_jax.train_step import create_train_state, make_train_step
-
-    rows = []
-    for n in layers:
-        row = {"n_layer": n}
-        for key, unroll in (("scanned_s", False), ("unrolled_s", True)):
-            c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=n),
-                                    train=dataclasses.replace(cfg.train, unroll_layers=unroll))
-            state = jax.eval_shape(lambda: create_train_state(c))
-            x = jax.ShapeDtypeStruct((1, c.train.batch_size, c.model.block_size), np.int32)
-            start = time.perf_counter()
-            jax.jit(make_train_step(c)).lower(state, x, x).compile()
-            row[key] = time.perf_counter() - start
-        rows.append(row)
-    return rows
-
-
 def report(results: dict) -> str:
     """The table printed on stdout."""
     lines = [f"NOTE: {results['note']}",
@@ -224,9 +201,6 @@ def report(results: dict) -> str:
         if fit:
             lines.append(f"ring all-reduce fit ({title}): alpha = {1e6 * fit['alpha_s']:.1f} us, effective bandwidth "
                          f"1/beta = {fit['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s ({fit['samples']} samples)")
-    for row in results.get("compile", []):
-        lines.append(f"compile time, n_layer {row['n_layer']:>2}: {row['scanned_s']:.1f} s with the layer scan, "
-                     f"{row['unrolled_s']:.1f} s unrolled")
     return "\n".join(lines)
 
 

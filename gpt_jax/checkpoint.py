@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from gpt_jax.errors import CheckpointError
+from gpt_jax.errors import CheckpointError, first_line
 
 KINDS = ("latest", "best")
 logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax's failures surface as CheckpointError instead
@@ -40,8 +40,8 @@ def save(out_dir: str | Path, kind: str, step: int, state, meta: dict) -> None:
             mngr.wait_until_finished()
     except (OSError, ValueError, RuntimeError) as e:  # disk full, permissions (orbax/tensorstore raise ValueError)
         # orbax wrote into a temporary folder, so the previous checkpoint stands
-        reason = "no space left on device" if "No space left" in str(e) or "RESOURCE_EXHAUSTED" in str(e) else (
-            str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__)
+        disk_full = "No space left" in str(e) or "RESOURCE_EXHAUSTED" in str(e)
+        reason = "no space left on device" if disk_full else first_line(e, 160)
         raise CheckpointError(
             f"could not save the {kind} checkpoint at step {step} in {out_dir} ({reason}); the previous "
             f"checkpoint is kept. Free disk space or choose another --out_dir, then --resume"
@@ -81,9 +81,8 @@ def _require_step(out_dir, kind) -> int:
 
 
 def _damaged(out_dir, kind, step, error: Exception) -> CheckpointError:
-    first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     return CheckpointError(
-        f"checkpoint {Path(out_dir) / 'checkpoints' / kind / str(step)} cannot be loaded ({first_line}); "
+        f"checkpoint {Path(out_dir) / 'checkpoints' / kind / str(step)} cannot be loaded ({first_line(error)}); "
         f"if it is damaged, delete that folder to fall back to an older one; if it is from another version or "
         f"optimizer setting, resume with that"
     )

@@ -19,3 +19,9 @@ class CheckpointError(GPTJaxError):
 
 class TrainingDiverged(GPTJaxError):
     """The loss became NaN or infinite."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line error reports."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from gpt_jax.config import ModelConfig
-from gpt_jax.errors import ConfigError
+from gpt_jax.errors import ConfigError, first_line
 
 INIT_STD = 0.02
 LN_EPS = 1e-5
@@ -166,7 +166,7 @@ def attention_kernel(cfg: ModelConfig, dtype, batch_size: int = 1, train: bool =
         jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")).lower(
             shape, shape, shape).compile()
     except Exception as e:  # noqa: BLE001 - any refusal means the fallback runs
-        return f"XLA einsum (cuDNN refused: {str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__})"
+        return f"XLA einsum (cuDNN refused: {first_line(e, 100)})"
     return "cuDNN fused (jax.nn.dot_product_attention)"
 
 

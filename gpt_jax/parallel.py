@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gpt_jax.cli import EXIT_USAGE
 from gpt_jax.config import Config
-from gpt_jax.errors import ConfigError, GPTJaxError
+from gpt_jax.errors import ConfigError, GPTJaxError, first_line
 from gpt_jax.train_step import TrainState, create_train_state, make_train_step
 
 MODES = ("sharding", "shard_map", "pmap", "fsdp")
@@ -63,8 +63,7 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
         jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s + 30,
                                    heartbeat_timeout_seconds=heartbeat_s)
     except Exception as e:  # the runtime raises several types; the message is what the user needs
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DistributedError(f"{message} ({first})") from None
+        raise DistributedError(f"{message} ({first_line(e)})") from None
     finally:
         watchdog.cancel()
 

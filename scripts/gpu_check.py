@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from gpt_jax import config  # noqa: E402
 from gpt_jax.bench import bench_sample, bench_step  # noqa: E402
+from gpt_jax.errors import first_line  # noqa: E402
 from gpt_jax.fileio import write_atomic  # noqa: E402
 from gpt_jax.metrics import MetricsLog, si  # noqa: E402
 from gpt_jax.peak import measure_matmul_flops, peak_flops  # noqa: E402
@@ -139,7 +140,7 @@ def main(argv: list[str]) -> int:
         except Exception as e:  # noqa: BLE001 - record it, keep going, fail at the end
             traceback.print_exc()
             results[name] = None
-            results["errors"][name] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            results["errors"][name] = first_line(e)
     results["total_s"] = time.perf_counter() - started
     write_atomic(out / "results.json", json.dumps(results, indent=1, default=str).encode())
     print(f"\ngpu_check{' --dry-run' if dry_run else ''}: {results['date']}, {results['total_s']:.0f} s in all; "
