@@ -179,3 +179,51 @@ def test_unrolled_layers_compute_the_same_loss_and_gradients(params):
     unrolled = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, x, y, CFG, unroll=True)))(params)
     for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, p", [((3,), 0.8), ((7, 5), 0.5), ((4, 3, 64, 64), 0.9), ((2, 16, 32), 0.1)])
+def test_dropout_masks_are_jax_random_bernoulli_bit_for_bit(shape, p):
+    from gpt_jax import threefry
+
+    for seed in range(3):
+        key = jax.random.fold_in(jax.random.key(seed), 7)
+        expected = jax.random.bernoulli(key, p, shape)
+        assert jnp.array_equal(jax.jit(threefry.bernoulli, static_argnums=(1, 2))(key, p, shape), expected)
+        start = tuple(d // 2 for d in shape)  # a block of the mask, drawn alone
+        block = tuple(d - s for d, s in zip(shape, start))
+        got = threefry.bernoulli(key, p, block, full_shape=shape, start=start)
+        assert jnp.array_equal(got, expected[tuple(slice(s, None) for s in start)])
+
+
+def test_dropout_falls_back_to_jax_random_for_other_key_kinds():
+    from gpt_jax import threefry
+
+    key = jax.random.key(3, impl="rbg")
+    assert jnp.array_equal(threefry.bernoulli(key, 0.7, (5, 9)), jax.random.bernoulli(key, 0.7, (5, 9)))
+    got = threefry.bernoulli(key, 0.7, (3, 4), full_shape=(5, 9), start=(2, 5))
+    assert jnp.array_equal(got, jax.random.bernoulli(key, 0.7, (5, 9))[2:, 5:])
+    partitionable = getattr(jax.config, "jax_threefry_partitionable", None)  # a flag that newer JAX may drop
+    if partitionable is not None:
+        key = jax.random.key(3)
+        jax.config.update("jax_threefry_partitionable", not partitionable)
+        try:
+            assert jnp.array_equal(threefry.bernoulli(key, 0.7, (5, 9)), jax.random.bernoulli(key, 0.7, (5, 9)))
+        finally:
+            jax.config.update("jax_threefry_partitionable", partitionable)
+
+
+@pytest.mark.parametrize("T, blocks", [(16, 1), (64, 2), (96, 2), (128, 4)])
+def test_blocked_causal_attention_equals_full_masked_attention(T, blocks):
+    """Skipping the fully masked key blocks changes nothing: values, gradients and the dropout mask."""
+    from gpt_jax import model
+
+    assert model.causal_blocks(T) == blocks
+    q, k, v, g = jax.random.normal(jax.random.key(T), (4, 2, T, 3, 8))
+    mask = jnp.tril(jnp.ones((T, T), bool))
+    for rate, key in [(0.0, None), (0.3, jax.random.key(5))]:
+        full = lambda q, k, v: jnp.vdot(model.attend(q, k, v, mask, rate=rate, key=key), g)
+        blocked = lambda q, k, v: jnp.vdot(model.causal_attention_xla(q, k, v, rate=rate, key=key), g)
+        np.testing.assert_allclose(model.causal_attention_xla(q, k, v, rate=rate, key=key),
+                                   model.attend(q, k, v, mask, rate=rate, key=key), rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.grad(full, argnums=(0, 1, 2))(q, k, v), jax.grad(blocked, argnums=(0, 1, 2))(q, k, v)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
