@@ -198,10 +198,11 @@ def causal_attention(q_BTHK, k_BTHK, v_BTHK, *, rate: float = 0.0, key=None) -> 
 
 def attention_kernel(cfg: ModelConfig, dtype, batch_size: int = 1, train: bool = True) -> str:
     """Which attention path a forward pass of `cfg` in `dtype` takes on this backend, in words."""
+    blocks = causal_blocks(cfg.block_size)
     if not _fused_attention_allowed(dtype):
-        return f"XLA einsum ({jax.default_backend()}, {jnp.dtype(dtype).name})"
+        return f"XLA einsum ({jax.default_backend()}, {jnp.dtype(dtype).name}, {blocks} causal query blocks)"
     if train and cfg.dropout > 0:
-        return f"XLA einsum (attention dropout {cfg.dropout} is not fused)"
+        return f"XLA einsum (attention dropout {cfg.dropout} is not fused, {blocks} causal query blocks)"
     shape = jax.ShapeDtypeStruct((batch_size, cfg.block_size, cfg.n_head, cfg.head_size), dtype)
     try:
         jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")).lower(

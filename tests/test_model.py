@@ -218,6 +218,7 @@ def test_blocked_causal_attention_equals_full_masked_attention(T, blocks):
     from gpt_jax import model
 
     assert model.causal_blocks(T) == blocks
+    assert f"{blocks} causal query blocks" in model.attention_kernel(dataclasses.replace(CFG, block_size=T), jnp.float32)
     q, k, v, g = jax.random.normal(jax.random.key(T), (4, 2, T, 3, 8))
     mask = jnp.tril(jnp.ones((T, T), bool))
     for rate, key in [(0.0, None), (0.3, jax.random.key(5))]:
