@@ -58,10 +58,10 @@ def bernoulli(key: jax.Array, p: float, shape: tuple[int, ...], *, full_shape: t
         return lax.slice(jax.random.bernoulli(key, p, full_shape), start, tuple(map(sum, zip(start, shape))))
     k1, k2 = jax.random.key_data(key)
     strides = [math.prod(full_shape[d + 1:]) for d in range(len(shape))]
-    index = sum((lax.broadcasted_iota(jnp.uint32, shape, d) + np.uint32(start[d])) * np.uint32(strides[d])
-                for d in range(len(shape)))  # flat index in full_shape: the counter's low word (the high word is 0)
-    index = jnp.asarray(index, jnp.uint32).reshape(shape)
-    b1, b2 = threefry2x32(k1, k2, jnp.zeros(shape, jnp.uint32), index)
+    zeros = jnp.zeros(shape, jnp.uint32)
+    index = sum(((lax.broadcasted_iota(jnp.uint32, shape, d) + np.uint32(start[d])) * np.uint32(strides[d])
+                 for d in range(len(shape))), zeros)  # flat index in full_shape: the counter's low word
+    b1, b2 = threefry2x32(k1, k2, zeros, index)  # the high word is 0 below 2^32 elements
     mantissa = lax.shift_right_logical(b1 ^ b2, np.uint32(32 - 23))
     uniform = lax.bitcast_convert_type(mantissa | np.uint32(0x3F800000), jnp.float32) - np.float32(1.0)  # [0, 1)
     return uniform < np.float32(p)
