@@ -34,7 +34,7 @@ from gpt_jax.model import attention_kernel, flops_per_token  # noqa: E402
 from gpt_jax.fileio import write_atomic  # noqa: E402
 from gpt_jax.peak import measure_matmul_flops, peak_flops  # noqa: E402
 from gpt_jax.parallel import check_divisible, make_data_parallel  # noqa: E402
-from gpt_jax.train_step import compute_dtype, create_train_state, make_train_step, with_vocab  # noqa: E402
+from gpt_jax.train_step import compute_dtype, create_train_state, make_train_step, wants_cpu_kernels, with_vocab  # noqa: E402
 
 
 def _timed(fn, *args):
@@ -76,7 +76,9 @@ def bench_step(cfg: config.Config, steps: int = 20, warmup: int = 3) -> dict:
     return {"step_ms": 1e3 * median, "compile_s": compile_s, "tokens_per_s": tokens / median,
             "achieved_tflops": flops / 1e12, "peak_tflops": peak / 1e12, "peak_source": source, "mfu": flops / peak,
             "measured_peak_tflops": measured / 1e12, "mfu_measured": flops / measured, "dtype": dtype_name,
-            "attention": attention_kernel(cfg.model, dtype, B // dp.n_devices), "tokens_per_step": tokens,
+            "attention": attention_kernel(cfg.model, dtype, B // dp.n_devices,
+                                          cpu_kernels=wants_cpu_kernels(cfg, per_device=dp.mode in ("shard_map", "pmap"))),
+            "tokens_per_step": tokens,
             "steps_timed": steps, "device": jax.devices()[0].device_kind, "devices": dp.n_devices, "parallel": dp.mode}
 
 

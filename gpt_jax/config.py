@@ -78,6 +78,7 @@ class TrainConfig:
     peak_tflops: float = _field(0.0, "peak FLOP/s (in TFLOP/s) for MFU; 0: datasheet table or measured on CPU")
     prefetch: int = _field(2, "batches prepared ahead of the step on a host thread")
     unroll_layers: bool = _field(True, "unroll the layer scan in the train and eval steps (faster steps, compile time grows with depth)")
+    cpu_kernels: bool = _field(True, "on CPU, causal attention (without attention dropout) and LayerNorm in gpt_jax's C++ kernels (float32; built on first use); false: XLA ops")
     parallel: str = _field("sharding", "data-parallel mode over all devices: sharding, shard_map, pmap, fsdp")
     always_save_checkpoint: bool = _field(True, "save the latest checkpoint at every evaluation, not only when val improves")
 

@@ -18,8 +18,9 @@ when `cfg.bias`.
 
 Precision: parameters are float32; matmuls run in the compute `dtype`; LayerNorm statistics, the softmax
 and the loss are float32. Attention is cuDNN's fused kernel on NVIDIA GPUs in 16-bit floats (see
-`causal_attention`), an einsum softmax elsewhere (`causal_attention_xla`, in query blocks that skip the keys the
-causal mask removes). Dropout masks are `jax.random.bernoulli`'s, drawn by `gpt_jax.threefry` in one fused pass.
+`causal_attention`), with `cpu_kernels=True` on CPU gpt_jax's C++ kernel (`gpt_jax.kernels`, which also has
+LayerNorm; the train and eval steps ask for them), an einsum softmax elsewhere (`causal_attention_xla`, in query blocks that skip the keys
+the causal mask removes). Dropout masks are `jax.random.bernoulli`'s, drawn by `gpt_jax.threefry` in one fused pass.
 """
 
 import math
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt_jax import threefry
+from gpt_jax import kernels, threefry
 from gpt_jax.config import ModelConfig
 from gpt_jax.errors import ConfigError, first_line
 
@@ -90,13 +91,21 @@ def flops_per_token(cfg: ModelConfig) -> int:
 # ---- layers -------------------------------------------------------------------------------------------
 
 
-@jax.checkpoint  # the backward pass recomputes this from x instead of keeping (N.., D)-sized intermediates
-def layer_norm(x_NXD: jax.Array, p: dict) -> jax.Array:
+def layer_norm(x_NXD: jax.Array, p: dict, *, cpu_kernels: bool = False) -> jax.Array:
     """LayerNorm over the last axis with float32 statistics; returns x's dtype.
 
-    Under `jax.checkpoint`: autodiff would otherwise save the centred input and the scale broadcast to the
-    full activation shape for the backward pass, memory traffic that cost 4% of a CPU train step.
+    With `cpu_kernels`, gpt_jax's C++ kernel where it applies (CPU, float32; `gpt_jax.kernels`), else XLA ops.
     """
+    if cpu_kernels and kernels.layer_norm_supported(x_NXD.dtype, x_NXD.shape[-1]):
+        return kernels.layer_norm(x_NXD, p["scale"], p.get("bias"), eps=LN_EPS)
+    return layer_norm_xla(x_NXD, p)
+
+
+@jax.checkpoint  # the backward pass recomputes this from x instead of keeping (N.., D)-sized intermediates
+def layer_norm_xla(x_NXD: jax.Array, p: dict) -> jax.Array:
+    """`layer_norm` in XLA ops, under `jax.checkpoint`: autodiff would otherwise save the centred input and
+    the scale broadcast to the full activation shape for the backward pass, memory traffic that cost 4% of a
+    CPU train step."""
     x = x_NXD.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
@@ -128,11 +137,10 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, *, full_shape: tup
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def qkv_heads(x_BTD: jax.Array, p: dict, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The attention input projection split into heads: three (B, T, H, K) arrays."""
-    B, T, _ = x_BTD.shape
-    qkv = dense(x_BTD, p["w_qkv"], p.get("b_qkv"))  # (B, T, 3D)
-    q, k, v = jnp.split(qkv.reshape(B, T, 3 * cfg.n_head, cfg.head_size), 3, axis=2)
+def split_heads(qkv_BT3D: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The packed attention input projection [q | k | v] split into heads: three (B, T, H, K) arrays."""
+    B, T, _ = qkv_BT3D.shape
+    q, k, v = jnp.split(qkv_BT3D.reshape(B, T, 3 * cfg.n_head, cfg.head_size), 3, axis=2)
     return q, k, v  # each (B, T, H, K)
 
 
@@ -196,9 +204,18 @@ def causal_attention(q_BTHK, k_BTHK, v_BTHK, *, rate: float = 0.0, key=None) -> 
     return causal_attention_xla(q_BTHK, k_BTHK, v_BTHK, rate=rate, key=key)
 
 
-def attention_kernel(cfg: ModelConfig, dtype, batch_size: int = 1, train: bool = True) -> str:
+def use_cpu_attention(cfg: ModelConfig, dtype, T: int, *, cpu_kernels: bool, dropout_on: bool) -> bool:
+    """Whether causal attention over T positions runs in gpt_jax's C++ kernel: asked for, no attention dropout
+    in this call, and supported here (CPU, float32, T and head size multiples of 8, a C++ compiler)."""
+    return (cpu_kernels and not (dropout_on and cfg.dropout > 0)
+            and kernels.attention_supported(dtype, T, cfg.head_size))
+
+
+def attention_kernel(cfg: ModelConfig, dtype, batch_size: int = 1, train: bool = True, cpu_kernels: bool = False) -> str:
     """Which attention path a forward pass of `cfg` in `dtype` takes on this backend, in words."""
     blocks = causal_blocks(cfg.block_size)
+    if use_cpu_attention(cfg, dtype, cfg.block_size, cpu_kernels=cpu_kernels, dropout_on=train):
+        return "gpt_jax C++ kernel (cpu, float32, gpt_jax/csrc/cpu_kernels.cc)"
     if not _fused_attention_allowed(dtype):
         return f"XLA einsum ({jax.default_backend()}, {jnp.dtype(dtype).name}, {blocks} causal query blocks)"
     if train and cfg.dropout > 0:
@@ -219,18 +236,23 @@ def mlp(x_BTD: jax.Array, p: dict) -> jax.Array:
 
 
 def block(x_BTD: jax.Array, p: dict, cfg: ModelConfig, key: jax.Array | None = None, *,
-          cache: tuple[jax.Array, jax.Array] | None = None, pos=0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+          cache: tuple[jax.Array, jax.Array] | None = None, pos=0,
+          cpu_kernels: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One pre-LayerNorm transformer block with causal self-attention. `p` holds one layer's slice.
 
-    Without `cache` the T positions attend to each other causally. With `cache` (keys and values, each
-    (B, S, H, K)), the T new positions sit at pos..pos+T-1: their keys and values are written into the
-    cache and each query attends to cache positions up to its own. Returns (x_BTD, (keys, values)): the
-    updated cache, or this block's own keys and values.
+    Without `cache` the T positions attend to each other causally (with `cpu_kernels`, in the C++ kernel
+    where `use_cpu_attention` allows). With `cache` (keys and values, each (B, S, H, K)), the T new positions
+    sit at pos..pos+T-1: their keys and values are written into the cache and each query attends to cache
+    positions up to its own. Returns (x_BTD, (keys, values)): the updated cache, or this block's own keys
+    and values.
     """
     T = x_BTD.shape[1]
     k_att, k_res1, k_res2 = jax.random.split(key, 3) if key is not None else (None, None, None)
-    q, k, v = qkv_heads(layer_norm(x_BTD, p["ln_1"]), p["attn"], cfg)  # (B, T, H, K)
-    if cache is None:
+    qkv = dense(layer_norm(x_BTD, p["ln_1"], cpu_kernels=cpu_kernels), p["attn"]["w_qkv"], p["attn"].get("b_qkv"))
+    q, k, v = split_heads(qkv, cfg)  # qkv (B, T, 3D) -> (B, T, H, K) each
+    if cache is None and use_cpu_attention(cfg, qkv.dtype, T, cpu_kernels=cpu_kernels, dropout_on=key is not None):
+        y = kernels.causal_attention(qkv, cfg.n_head)  # (B, T, D), straight from the packed projection
+    elif cache is None:
         y = causal_attention(q, k, v, rate=cfg.dropout, key=k_att)  # (B, T, H, K)
     else:
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, axis=1)  # (B, S, H, K)
@@ -239,17 +261,20 @@ def block(x_BTD: jax.Array, p: dict, cfg: ModelConfig, key: jax.Array | None = N
         y = attend(q, k, v, mask_TS, rate=cfg.dropout, key=k_att)
     y = y.reshape(x_BTD.shape)  # (B, T, D)
     x_BTD = x_BTD + dropout(dense(y, p["attn"]["w_out"], p["attn"].get("b_out")), cfg.dropout, k_res1)
-    x_BTD = x_BTD + dropout(mlp(layer_norm(x_BTD, p["ln_2"]), p["mlp"]), cfg.dropout, k_res2)
+    x_BTD = x_BTD + dropout(mlp(layer_norm(x_BTD, p["ln_2"], cpu_kernels=cpu_kernels), p["mlp"]), cfg.dropout, k_res2)
     return x_BTD, (k, v)
 
 
 def forward_with_cache(params: dict, idx_BT: jax.Array, cfg: ModelConfig, *, dropout_key: jax.Array | None = None,
                        dtype=jnp.float32, cache: tuple[jax.Array, jax.Array] | None = None,
-                       pos=0, unroll: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                       pos=0, unroll: bool = False, cpu_kernels: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """forward() that also returns the keys and values of every layer, each (L, B, S, H, K).
 
     The blocks run in a `lax.scan` over the stacked layer axis; `unroll=True` unrolls it (the same
     arithmetic; compile time grows with depth, steps run faster on CPU: see docs/benchmarks.md).
+    `cpu_kernels=True` runs causal attention and LayerNorm in gpt_jax's C++ kernels where they apply
+    (`gpt_jax.kernels`): faster on CPU, the same values to float tolerance, with jax.grad/vmap/jit but no
+    jax.jvp through them.
 
     With `cache` (from an earlier call), idx_BT holds the tokens at positions pos..pos+T-1 and only they are
     computed: the KV-cache decode step. Without it, the returned keys and values are the prefill cache.
@@ -265,21 +290,23 @@ def forward_with_cache(params: dict, idx_BT: jax.Array, cfg: ModelConfig, *, dro
 
     def body(x, layer):
         p, key, layer_cache = layer
-        return block(x, p, cfg, key, cache=layer_cache, pos=pos)
+        return block(x, p, cfg, key, cache=layer_cache, pos=pos, cpu_kernels=cpu_kernels)
 
     x_BTD, kv = jax.lax.scan(body, x_BTD, (params["blocks"], layer_keys, cache), unroll=bool(unroll))
-    x_BTD = layer_norm(x_BTD, params["ln_f"])
+    x_BTD = layer_norm(x_BTD, params["ln_f"], cpu_kernels=cpu_kernels)
     return dense(x_BTD, params["wte"].T).astype(jnp.float32), kv  # (B, T, V): tied head
 
 
 def forward(params: dict, idx_BT: jax.Array, cfg: ModelConfig, *, dropout_key: jax.Array | None = None,
-            dtype=jnp.float32, unroll: bool = False) -> jax.Array:
+            dtype=jnp.float32, unroll: bool = False, cpu_kernels: bool = False) -> jax.Array:
     """Token ids (B, T) -> float32 logits (B, T, V). Train mode (dropout) with a key, eval mode without."""
-    return forward_with_cache(params, idx_BT, cfg, dropout_key=dropout_key, dtype=dtype, unroll=unroll)[0]
+    return forward_with_cache(params, idx_BT, cfg, dropout_key=dropout_key, dtype=dtype, unroll=unroll,
+                              cpu_kernels=cpu_kernels)[0]
 
 
 def loss_fn(params: dict, x_BT: jax.Array, y_BT: jax.Array, cfg: ModelConfig, *,
-            dropout_key: jax.Array | None = None, dtype=jnp.float32, unroll: bool = False) -> jax.Array:
+            dropout_key: jax.Array | None = None, dtype=jnp.float32, unroll: bool = False,
+            cpu_kernels: bool = False) -> jax.Array:
     """Mean next-token cross-entropy in float32."""
-    logits_BTV = forward(params, x_BT, cfg, dropout_key=dropout_key, dtype=dtype, unroll=unroll)
+    logits_BTV = forward(params, x_BT, cfg, dropout_key=dropout_key, dtype=dtype, unroll=unroll, cpu_kernels=cpu_kernels)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, y_BT).mean()

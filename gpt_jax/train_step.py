@@ -40,6 +40,14 @@ def create_train_state(cfg: Config) -> TrainState:
     return state.replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints and jit see one type
 
 
+def wants_cpu_kernels(cfg: Config, *, per_device: bool) -> bool:
+    """Whether a step asks for gpt_jax's C++ CPU kernels (`cpu_kernels`; the model still checks where they
+    apply). Not in a jit that XLA partitions over several devices (sharding, fsdp): a custom call has no
+    partitioning rule, so XLA would gather its inputs onto every device. Per-device programs (shard_map,
+    pmap) and single-device runs use them."""
+    return cfg.train.cpu_kernels and (per_device or jax.device_count() == 1)
+
+
 def make_train_step(cfg: Config, *, axis_name: str | None = None, all_reduce: bool = True) -> Callable:
     """train_step(state, x_ABT, y_ABT) -> (state, metrics): one optimizer step over A micro-batches.
 
@@ -54,6 +62,7 @@ def make_train_step(cfg: Config, *, axis_name: str | None = None, all_reduce: bo
     dtype = compute_dtype(cfg.train.dtype)
     schedule = lr_schedule(cfg.train)
     grad_fn = jax.value_and_grad(loss_fn)
+    cpu_kernels = wants_cpu_kernels(cfg, per_device=axis_name is not None)
 
     def train_step(state: TrainState, x_ABT: jax.Array, y_ABT: jax.Array):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -65,7 +74,7 @@ def make_train_step(cfg: Config, *, axis_name: str | None = None, all_reduce: bo
             i, x_BT, y_BT = inputs
             key = jax.random.fold_in(step_key, i) if cfg.model.dropout > 0 else None
             loss, grads = grad_fn(state.params, x_BT, y_BT, cfg.model, dropout_key=key, dtype=dtype,
-                                  unroll=cfg.train.unroll_layers)
+                                  unroll=cfg.train.unroll_layers, cpu_kernels=cpu_kernels)
             return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), None
 
         A = x_ABT.shape[0]
@@ -88,9 +97,11 @@ def global_norm(tree) -> jax.Array:
 def make_eval_step(cfg: Config) -> Callable:
     """eval_step(params, x_BT, y_BT) -> mean loss, eval mode (no dropout)."""
     dtype = compute_dtype(cfg.train.dtype)
+    cpu_kernels = wants_cpu_kernels(cfg, per_device=False)
 
     def eval_step(params: dict, x_BT: jax.Array, y_BT: jax.Array) -> jax.Array:
-        return loss_fn(params, x_BT, y_BT, cfg.model, dtype=dtype, unroll=cfg.train.unroll_layers)
+        return loss_fn(params, x_BT, y_BT, cfg.model, dtype=dtype, unroll=cfg.train.unroll_layers,
+                       cpu_kernels=cpu_kernels)
 
     return eval_step
 
