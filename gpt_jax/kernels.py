@@ -104,7 +104,8 @@ def available() -> bool:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(f"gpt_jax: the C++ CPU kernels are not available ({e}); attention and LayerNorm run as XLA "
-                      f"ops (slower on CPU). Install a C++ compiler or set CXX to use them.", RuntimeWarning, stacklevel=2)
+                      f"ops (slower on CPU). Install a C++ compiler or set CXX to use them.", RuntimeWarning,
+                      stacklevel=2)
         return False
     return True
 
@@ -113,7 +114,8 @@ def _call(target: str, results, *args, vmap_method: str = "broadcast_all", **att
     """Call a kernel. Under jax.vmap, attention's inputs all carry the batch (the kernel takes any leading
     axes); LayerNorm's parameters may not, so its calls run once per vmapped element ("sequential")."""
     if not available():  # registers the targets on first use
-        raise RuntimeError("gpt_jax's C++ CPU kernels are not available here (see the warning); check *_supported() first")
+        raise RuntimeError("gpt_jax's C++ CPU kernels are not available here (see the warning); "
+                           "check *_supported() first")
     return jax.ffi.ffi_call(target, results, vmap_method=vmap_method)(*args, **attributes)
 
 

@@ -19,8 +19,9 @@ when `cfg.bias`.
 Precision: parameters are float32; matmuls run in the compute `dtype`; LayerNorm statistics, the softmax
 and the loss are float32. Attention is cuDNN's fused kernel on NVIDIA GPUs in 16-bit floats (see
 `causal_attention`), with `cpu_kernels=True` on CPU gpt_jax's C++ kernel (`gpt_jax.kernels`, which also has
-LayerNorm; the train and eval steps ask for them), an einsum softmax elsewhere (`causal_attention_xla`, in query blocks that skip the keys
-the causal mask removes). Dropout masks are `jax.random.bernoulli`'s, drawn by `gpt_jax.threefry` in one fused pass.
+LayerNorm; the train and eval steps ask for them), an einsum softmax elsewhere (`causal_attention_xla`, in query
+blocks that skip the keys the causal mask removes). Dropout masks are `jax.random.bernoulli`'s, drawn by
+`gpt_jax.threefry` in one fused pass.
 """
 
 import math
@@ -211,7 +212,8 @@ def use_cpu_attention(cfg: ModelConfig, dtype, T: int, *, cpu_kernels: bool, dro
             and kernels.attention_supported(dtype, T, cfg.head_size))
 
 
-def attention_kernel(cfg: ModelConfig, dtype, batch_size: int = 1, train: bool = True, cpu_kernels: bool = False) -> str:
+def attention_kernel(cfg: ModelConfig, dtype, batch_size: int = 1, train: bool = True,
+                     cpu_kernels: bool = False) -> str:
     """Which attention path a forward pass of `cfg` in `dtype` takes on this backend, in words."""
     blocks = causal_blocks(cfg.block_size)
     if use_cpu_attention(cfg, dtype, cfg.block_size, cpu_kernels=cpu_kernels, dropout_on=train):
@@ -267,7 +269,8 @@ def block(x_BTD: jax.Array, p: dict, cfg: ModelConfig, key: jax.Array | None = N
 
 def forward_with_cache(params: dict, idx_BT: jax.Array, cfg: ModelConfig, *, dropout_key: jax.Array | None = None,
                        dtype=jnp.float32, cache: tuple[jax.Array, jax.Array] | None = None,
-                       pos=0, unroll: bool = False, cpu_kernels: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                       pos=0, unroll: bool = False,
+                       cpu_kernels: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """forward() that also returns the keys and values of every layer, each (L, B, S, H, K).
 
     The blocks run in a `lax.scan` over the stacked layer axis; `unroll=True` unrolls it (the same
@@ -308,5 +311,6 @@ def loss_fn(params: dict, x_BT: jax.Array, y_BT: jax.Array, cfg: ModelConfig, *,
             dropout_key: jax.Array | None = None, dtype=jnp.float32, unroll: bool = False,
             cpu_kernels: bool = False) -> jax.Array:
     """Mean next-token cross-entropy in float32."""
-    logits_BTV = forward(params, x_BT, cfg, dropout_key=dropout_key, dtype=dtype, unroll=unroll, cpu_kernels=cpu_kernels)
+    logits_BTV = forward(params, x_BT, cfg, dropout_key=dropout_key, dtype=dtype, unroll=unroll,
+                         cpu_kernels=cpu_kernels)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, y_BT).mean()

@@ -134,7 +134,8 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 def test_without_a_compiler_the_model_warns_once_and_uses_xla(tmp_path):
     code = ("import jax.numpy as jnp; from gpt_jax import kernels, model, ModelConfig\n"
             "cfg = ModelConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)\n"
-            "print(kernels.available(), model.use_cpu_attention(cfg, jnp.float32, 16, cpu_kernels=True, dropout_on=False),\n"
+            "print(kernels.available(),\n"
+            "      model.use_cpu_attention(cfg, jnp.float32, 16, cpu_kernels=True, dropout_on=False),\n"
             "      kernels.layer_norm_supported(jnp.float32, 32))")
     result = run_python(code, CXX="/nonexistent/c++", GPT_JAX_CACHE_DIR=str(tmp_path))
     assert result.returncode == 0, result.stderr
