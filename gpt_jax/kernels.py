@@ -134,11 +134,21 @@ def causal_attention(qkv_BT3D: jax.Array, n_head: int) -> jax.Array:
     `qkv.reshape(..., T, 3 H, K)` split in three. `attention_supported` says whether it can run here.
     """
     *lead, T, C = qkv_BT3D.shape
+    _check_attention(qkv_BT3D, n_head)
     return _call("GptJaxAttention", _f32(*lead, T, C // 3), qkv_BT3D, n_head=np.int64(n_head))
+
+
+def _check_attention(qkv_BT3D, n_head: int) -> None:
+    """The kernel reads raw memory: refuse, in one line, what it cannot take."""
+    *_, T, C = qkv_BT3D.shape
+    if qkv_BT3D.dtype != jnp.float32 or C % (3 * n_head) or T % 8 or (C // (3 * n_head)) % 8:
+        raise ValueError(f"the C++ attention takes float32 (..., T, 3 H K) with T and K multiples of 8; got "
+                         f"{qkv_BT3D.dtype} {qkv_BT3D.shape} with {n_head} heads (use model.causal_attention_xla)")
 
 
 def _attention_forward(qkv_BT3D, n_head):
     *lead, T, C = qkv_BT3D.shape
+    _check_attention(qkv_BT3D, n_head)
     y_BTD, probs_BHTT = _call("GptJaxAttentionTrain", (_f32(*lead, T, C // 3), _f32(*lead, n_head, T, T)), qkv_BT3D,
                               n_head=np.int64(n_head))
     return y_BTD, (qkv_BT3D, probs_BHTT)  # the probabilities are kept for the backward pass, as XLA's path keeps them
@@ -160,6 +170,10 @@ def layer_norm(x_NXD: jax.Array, scale_D: jax.Array, bias_D: jax.Array | None = 
 
     `layer_norm_supported` says whether it can run here.
     """
+    D = x_NXD.shape[-1]
+    if x_NXD.dtype != jnp.float32 or D % 8 or scale_D.shape != (D,) or (bias_D is not None and bias_D.shape != (D,)):
+        raise ValueError(f"the C++ LayerNorm takes float32 (..., D) with D a multiple of 8 and (D,) parameters; got "
+                         f"{x_NXD.dtype} {x_NXD.shape} (use model.layer_norm_xla)")
     bias_D = jnp.zeros_like(scale_D) if bias_D is None else bias_D  # its gradient is then dropped
     return _layer_norm(x_NXD, scale_D, bias_D, eps)
 

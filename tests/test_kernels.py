@@ -85,6 +85,17 @@ def test_layer_norm_kernel_under_vmap_with_batched_parameters():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_kernels_refuse_shapes_they_cannot_take():
+    with pytest.raises(ValueError, match="T and K multiples of 8"):
+        kernels.causal_attention(jnp.zeros((2, 12, 96)), 2)  # T = 12
+    with pytest.raises(ValueError, match="T and K multiples of 8"):
+        kernels.causal_attention(jnp.zeros((2, 16, 96)), 5)  # 96 is not 3 x 5 heads x K
+    with pytest.raises(ValueError, match="D a multiple of 8"):
+        kernels.layer_norm(jnp.zeros((4, 12)), jnp.ones(12), eps=1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.layer_norm(jnp.zeros((4, 16), jnp.bfloat16), jnp.ones(16), eps=1e-5)
+
+
 def test_default_forward_keeps_forward_mode_autodiff():
     """forward/loss_fn default to the XLA path, which jax.jvp (and so Hessian-vector products) can trace."""
     params = init_params(jax.random.key(0), CFG)
