@@ -32,7 +32,7 @@ import numpy as np
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cc"
 TARGETS = ("GptJaxAttention", "GptJaxAttentionTrain", "GptJaxAttentionBwd", "GptJaxLayerNorm", "GptJaxLayerNormBwd")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-LAYER_NORM_BLOCKS = 64  # kBlocks in the source: row blocks of the parameter gradients
+LAYER_NORM_BLOCKS = 64  # LayerNorm's backward sums its parameter gradients over this many fixed blocks of rows
 
 
 def attention_supported(dtype, T: int, head_size: int) -> bool:

@@ -277,26 +277,25 @@ Shape shape_of(ffi::AnyBuffer::Dimensions dims, int64_t n_head) {
   return sh;
 }
 
-ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, int64_t n_head,
-                     ffi::ResultBuffer<ffi::F32> y) {
+// The forward pass; each unit's probabilities go to `probs` (training) or, with nullptr, to scratch.
+ffi::Error attention_forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& qkv, int64_t n_head, float* y,
+                             float* probs) {
   const Shape sh = shape_of(qkv.dimensions(), n_head);
   const float* in = qkv.typed_data();
-  float* out = y->typed_data();
   parallel_units(pool, sh, [=](int64_t u, Scratch& w) {
-    forward_unit(unit_of(in, sh, u), sh, w.p, out, w);
+    forward_unit(unit_of(in, sh, u), sh, probs ? probs + u * sh.T * sh.T : w.p, y, w);
   });
   return ffi::Error::Success();
 }
 
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, int64_t n_head,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  return attention_forward(pool, qkv, n_head, y->typed_data(), nullptr);
+}
+
 ffi::Error AttentionTrain(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, int64_t n_head,
                           ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> probs) {
-  const Shape sh = shape_of(qkv.dimensions(), n_head);
-  const float* in = qkv.typed_data();
-  float *out = y->typed_data(), *p = probs->typed_data();
-  parallel_units(pool, sh, [=](int64_t u, Scratch& w) {
-    forward_unit(unit_of(in, sh, u), sh, p + u * sh.T * sh.T, out, w);
-  });
-  return ffi::Error::Success();
+  return attention_forward(pool, qkv, n_head, y->typed_data(), probs->typed_data());
 }
 
 ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> probs,
@@ -312,13 +311,13 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Bu
 
 // ---- LayerNorm -------------------------------------------------------------------------------------------
 // One pass over each row forward and one backward (XLA:CPU makes several), on blocks of rows shared among
-// the threads. The parameter gradients are summed per block of rows, a fixed split, so the result does not
-// depend on the thread count; JAX adds the blocks' partial sums.
+// the threads. The parameter gradients are summed per block of rows; JAX adds the blocks' partial sums.
 
-// Blocks of rows: a fixed split of N rows into at most kBlocks blocks.
-constexpr int64_t kBlocks = 64;
-inline int64_t blocks_of(int64_t N) { return std::min<int64_t>(N, kBlocks); }
-inline int64_t block_start(int64_t b, int64_t N) { return b * N / blocks_of(N); }
+// Row b of `blocks` blocks of N rows starts at block_start(b, N, blocks). The forward pass splits the rows
+// for the threads only; the backward pass splits them as its partial-sum outputs say (their first axis, set
+// in Python), so the gradients do not depend on the thread count.
+constexpr int64_t kForwardBlocks = 64;
+inline int64_t block_start(int64_t b, int64_t N, int64_t blocks) { return b * N / blocks; }
 
 int64_t rows_of(ffi::AnyBuffer::Dimensions dims) {
   int64_t n = 1;
@@ -333,8 +332,9 @@ ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const int64_t D = x.dimensions().back(), N = rows_of(x.dimensions());
   const float *xp = x.typed_data(), *sp = scale.typed_data(), *bp = bias.typed_data();
   float *yp = y->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
-  parallel_for(pool, blocks_of(N), [=](int64_t b) {
-    for (int64_t n = block_start(b, N); n < block_start(b + 1, N); ++n) {
+  const int64_t blocks = std::min(N, kForwardBlocks);
+  parallel_for(pool, blocks, [=](int64_t b) {
+    for (int64_t n = block_start(b, N, blocks); n < block_start(b + 1, N, blocks); ++n) {
       const float* row = xp + n * D;
       v8 s = splat(0.0f);
       for (int64_t c = 0; c < D; c += 8) s += load8(row + c);
@@ -363,11 +363,12 @@ ffi::Error LayerNormBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float *xp = x.typed_data(), *sp = scale.typed_data(), *mp = mean.typed_data(), *rp = rstd.typed_data();
   const float* gp = dy.typed_data();
   float *dxp = dx->typed_data(), *dsp = dscale->typed_data(), *dbp = dbias->typed_data();
-  parallel_for(pool, blocks_of(N), [=](int64_t b) {
+  const int64_t blocks = dscale->dimensions()[0];
+  parallel_for(pool, blocks, [=](int64_t b) {
     float* ds = dsp + b * D;
     float* db = dbp + b * D;
     for (int64_t c = 0; c < D; ++c) ds[c] = db[c] = 0.0f;
-    for (int64_t n = block_start(b, N); n < block_start(b + 1, N); ++n) {
+    for (int64_t n = block_start(b, N, blocks); n < block_start(b + 1, N, blocks); ++n) {
       const float *row = xp + n * D, *g = gp + n * D;
       const float mu = mp[n], r = rp[n];
       v8 a = splat(0.0f), bsum = splat(0.0f);  // sums of g*scale and g*scale*xhat
